@@ -15,6 +15,10 @@ from fleetmedic.localfleet.services import PostgresCluster, RedisServer, free_po
 
 _db_counter = itertools.count(1)
 
+# DAG-parsing tests import Airflow: keep its home out of ~ and its examples out of the bag.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="fleetmedic-airflow-home-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
 
 @pytest.fixture(scope="session")
 def services_dir() -> Iterator[Path]:

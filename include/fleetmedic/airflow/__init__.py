@@ -1,0 +1,1 @@
+"""The only fleetmedic package that imports Airflow: sensors, triggers, operators, callbacks, DAG builders."""

@@ -1,0 +1,243 @@
+"""The one place that builds fleetmedic's DAGs: the sweep, one DAG per playbook, the pager outbox."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG, Param, task
+from airflow.sdk.definitions.edges import Label
+
+from fleetmedic.airflow.callbacks import page_on_dag_failure, page_on_failure
+from fleetmedic.airflow.operators import (
+    ActionStepOperator,
+    ClaimIncidentOperator,
+    ReconfirmOperator,
+    TerminalOperator,
+    WaitHealthySensor,
+)
+from fleetmedic.airflow.sensors import FleetProbeSensor
+from fleetmedic.playbooks.schema import TERMINALS, Playbook
+
+__all__ = ["build_outbox_dag", "build_playbook_dag", "build_sweep_dag"]
+
+START = datetime(2026, 1, 1)
+OWNER = "fleetmedic"
+
+
+def _default_args(**extra: Any) -> dict[str, Any]:
+    return {
+        "owner": OWNER,
+        "retries": 0,
+        "execution_timeout": timedelta(minutes=5),
+        "on_failure_callback": page_on_failure,
+        **extra,
+    }
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def build_sweep_dag(playbooks: list[Playbook], *, doc: str) -> DAG:
+    """`fleet_sweep`: plan shards, probe each shard (deferred), open/refresh incidents, trigger playbooks."""
+    from fleetmedic.detection.sweep import rules_from_playbooks
+
+    rules = [r.to_dict() for r in rules_from_playbooks(playbooks)]
+    playbook_dags = {pb.type: pb.dag_id for pb in playbooks}
+    window = _env_float("FLEETMEDIC_SWEEP_WINDOW", 45.0)
+    interval = _env_float("FLEETMEDIC_PROBE_INTERVAL", 5.0)
+    probe_timeout = _env_float("FLEETMEDIC_PROBE_TIMEOUT", 3.0)
+    shard_size = int(_env_float("FLEETMEDIC_SHARD_SIZE", 500))
+
+    with DAG(
+        dag_id="fleet_sweep",
+        description="Probe the fleet like a customer would, confirm failures, open incidents, start playbooks",
+        doc_md=doc,
+        schedule="* * * * *",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=timedelta(minutes=5),
+        tags=["fleetmedic", "detection"],
+        default_args=_default_args(execution_timeout=timedelta(minutes=2)),
+        on_failure_callback=page_on_dag_failure,
+    ) as dag:
+
+        @task
+        def plan_shards() -> list[dict[str, int]]:
+            import psycopg
+
+            from fleetmedic.airflow.connections import ops_dsn
+            from fleetmedic.detection.sweep import plan_shards as plan
+
+            with psycopg.connect(ops_dsn()) as conn:
+                row = conn.execute("SELECT count(*) FROM resources WHERE enabled").fetchone()
+            count = int(row[0]) if row else 0
+            return plan(count, shard_size)
+
+        shards = plan_shards()
+        probes = FleetProbeSensor.partial(
+            task_id="probe_shard",
+            rules=rules,
+            window=window,
+            interval=interval,
+            probe_timeout=probe_timeout,
+            timeout=timedelta(seconds=window + 120),
+            execution_timeout=timedelta(seconds=window + 120),
+        ).expand_kwargs(shards)
+
+        @task
+        def open_incidents(shard_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            from fleetmedic.airflow.connections import ops_dsn
+            from fleetmedic.detection.incidents import open_incidents_for_findings
+
+            summary, runs = open_incidents_for_findings(ops_dsn(), list(shard_events), playbook_dags)
+            print(summary.line())
+            return runs
+
+        runs = open_incidents(probes.output)
+        TriggerDagRunOperator.partial(
+            task_id="start_playbook",
+            skip_when_already_exists=True,
+            wait_for_completion=False,
+            execution_timeout=timedelta(minutes=1),
+        ).expand_kwargs(runs)
+    return dag
+
+
+def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
+    """`playbook_<type>`: claim -> re-confirm -> one branch task per step -> terminals.
+
+    The graph in the UI is the playbook's state machine; the runbook is the DAG's doc.
+    """
+    step_names = [s.name for s in pb.steps]
+    longest = sum((s.timeout for s in pb.steps), timedelta()) + timedelta(minutes=5)
+    doc = f"# {pb.title}\n\n**type** `{pb.type}` · **severity** {pb.severity} · **applies to** " \
+          f"{', '.join(pb.applies_to)} · **mode** {pb.limits.mode}\n\n{pb.runbook}"
+    with DAG(
+        dag_id=pb.dag_id,
+        description=pb.title,
+        doc_md=doc,
+        schedule=None,
+        start_date=START,
+        catchup=False,
+        max_active_runs=max(1, pb.limits.concurrency * 4),
+        dagrun_timeout=longest,
+        tags=["fleetmedic", "playbook", pb.type],
+        default_args=_default_args(**({"pool": pool} if pool else {})),
+        on_failure_callback=page_on_dag_failure,
+        params={
+            "incident_id": Param(type="integer", minimum=1, description="the incident this run resolves"),
+            "dry_run": Param(False, type="boolean", description="record what would be done, change nothing"),
+            "start_at": Param("", type="string", enum=["", *step_names],
+                              description="skip re-confirm and earlier steps; start at this step"),
+            "reason": Param("", type="string", description="why a human started this run (audited)"),
+        },
+        render_template_as_native_obj=True,
+    ) as dag:
+        claim = ClaimIncidentOperator(task_id="claim", playbook_type=pb.type,
+                                      execution_timeout=timedelta(minutes=1))
+        reconfirm = ReconfirmOperator(
+            task_id="reconfirm",
+            check=pb.detect.check if pb.detect else None,
+            first_step=pb.steps[0].name,
+            steps=step_names,
+            execution_timeout=timedelta(minutes=1),
+        )
+        used = {"resolve", "escalate"} | {t for s in pb.steps for t in s.next.values() if t in TERMINALS}
+        terminals = {
+            name: TerminalOperator(task_id=name, terminal=name, trigger_rule="none_failed_min_one_success",
+                                   execution_timeout=timedelta(minutes=1))
+            for name in TERMINALS
+            if name in used
+        }
+
+        def task_id_for(target: str) -> str:
+            return target if target in TERMINALS else f"step_{target}"
+
+        step_tasks: dict[str, Any] = {}
+        for s in pb.steps:
+            if s.action:
+                step_tasks[s.name] = ActionStepOperator(
+                    task_id=f"step_{s.name}", step=s.name, action=s.action,
+                    next_ok=task_id_for(s.next["ok"]), next_error=task_id_for(s.next["error"]),
+                    step_params=dict(s.params), execution_timeout=s.timeout,
+                    trigger_rule="none_failed_min_one_success",
+                    doc_md=f"Action `{s.action}`; ok → {s.next['ok']}, error → {s.next['error']}",
+                )
+            else:
+                assert s.wait_healthy is not None
+                step_tasks[s.name] = WaitHealthySensor(
+                    task_id=f"step_{s.name}", step=s.name, check=s.wait_healthy,
+                    next_healthy=task_id_for(s.next["healthy"]), next_timeout=task_id_for(s.next["timeout"]),
+                    step_timeout=s.timeout, trigger_rule="none_failed_min_one_success",
+                    doc_md=f"Wait until `{s.wait_healthy}` passes (up to {s.timeout}); "
+                           f"healthy → {s.next['healthy']}, timeout → {s.next['timeout']}",
+                )
+        claim >> reconfirm
+        reconfirm >> Label("healthy now") >> terminals["resolve"]
+        reconfirm >> Label("still failing") >> step_tasks[pb.steps[0].name]
+        for name in step_names:
+            if name != pb.steps[0].name:
+                reconfirm >> Label("start_at") >> step_tasks[name]
+        for s in pb.steps:
+            for outcome, target in s.next.items():
+                dest = terminals[target] if target in TERMINALS else step_tasks[target]
+                step_tasks[s.name] >> Label(outcome) >> dest
+            if s.action and "escalate" not in s.next.values():
+                # An action interrupted mid-flight is never retried blindly: it escalates.
+                step_tasks[s.name] >> Label("interrupted") >> terminals["escalate"]
+    return dag
+
+
+def build_outbox_dag(*, doc: str) -> DAG:
+    """`pager_outbox`: deliver pages that are pending (new, or failed earlier and due for a retry)."""
+    with DAG(
+        dag_id="pager_outbox",
+        description="Deliver pending pages from the outbox to the configured backend",
+        doc_md=doc,
+        schedule="* * * * *",
+        start_date=START,
+        catchup=False,
+        max_active_runs=1,
+        dagrun_timeout=timedelta(minutes=5),
+        tags=["fleetmedic", "pager"],
+        default_args=_default_args(execution_timeout=timedelta(minutes=3)),
+        on_failure_callback=page_on_dag_failure,
+    ) as dag:
+
+        @task
+        def deliver() -> dict[str, Any]:
+            from fleetmedic.airflow.connections import ops_dsn
+            from fleetmedic.pager.backends import LogBackend
+            from fleetmedic.pager.outbox import deliver_pending
+
+            report = deliver_pending(ops_dsn(), LogBackend())
+            print(report)
+            return {"report": str(report)}
+
+        deliver()
+    return dag
+
+
+def playbook_dag_from_file(dag_file: str) -> DAG:
+    """Build the DAG for `dags/playbook_<type>.py` from `playbooks/<type>.yaml`.
+
+    One DAG file per playbook, so a broken playbook is one import error naming its YAML file and
+    every other playbook still loads.
+    """
+    from pathlib import Path
+
+    from fleetmedic.playbooks.loader import default_playbooks_dir, load_playbook
+
+    stem = Path(dag_file).stem
+    if not stem.startswith("playbook_"):
+        raise ValueError(f"{dag_file}: playbook DAG files are named playbook_<type>.py")
+    pb = load_playbook(default_playbooks_dir() / f"{stem.removeprefix('playbook_')}.yaml")
+    return build_playbook_dag(pb, pool=f"playbook_{pb.type}" if os.environ.get("FLEETMEDIC_USE_POOLS") else None)

@@ -1,0 +1,359 @@
+"""Playbook tasks: claim the incident, re-confirm, run steps as branches, and end at a terminal.
+
+Every decision returns and records a human-readable reason (Patroni style), and every state change
+goes through the incident store's one transition function. The incident's claim is the fence: a
+step acts only while its run owns the incident, and a retried step never acts twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.branch import BaseBranchOperator, BranchMixIn
+from airflow.sdk import BaseOperator, BaseSensorOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from fleetmedic.airflow.connections import OPS_CONN_ID, ops_dsn
+from fleetmedic.airflow.triggers import WaitHealthyTrigger
+
+__all__ = [
+    "ActionStepOperator",
+    "ClaimIncidentOperator",
+    "ReconfirmOperator",
+    "TerminalOperator",
+    "WaitHealthySensor",
+]
+
+
+def incident_id_from(context: Any) -> int:
+    params = context.get("params") or {}
+    dag_run = context.get("dag_run")
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    value = conf.get("incident_id", params.get("incident_id"))
+    if value in (None, ""):
+        raise ValueError("this playbook run has no incident_id: trigger it with conf {\"incident_id\": <id>}")
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"incident_id must be an integer, got {value!r}") from exc
+
+
+def run_param(context: Any, name: str, default: Any = None) -> Any:
+    params = context.get("params") or {}
+    dag_run = context.get("dag_run")
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    return conf.get(name, params.get(name, default))
+
+
+class _IncidentTask:
+    """Shared helpers for tasks that act on the incident a playbook run owns."""
+
+    conn_id: str = OPS_CONN_ID
+
+    def _store(self) -> Any:
+        from fleetmedic.incidents.store import IncidentStore
+
+        return IncidentStore(ops_dsn(self.conn_id))
+
+    @staticmethod
+    def _actor(context: Any) -> str:
+        ti = context["ti"]
+        return f"automation:{ti.dag_id}/{ti.task_id}"
+
+    @staticmethod
+    def _run_id(context: Any) -> str:
+        return str(context["ti"].run_id)
+
+    def _resource(self, incident: Any) -> Any:
+        import psycopg
+
+        from fleetmedic.inventory import get_resource
+
+        with psycopg.connect(ops_dsn(self.conn_id)) as conn:
+            return get_resource(conn, int(incident.resource_id))
+
+    @staticmethod
+    def _expected_next(store: Any, incident_id: int, run_id: str) -> str | None:
+        """The task this run's latest decision pointed to (the recorded state machine)."""
+        latest = None
+        for ev in store.events(incident_id):
+            data = ev.data or {}
+            if data.get("run_id") == run_id and data.get("next"):
+                latest = str(data["next"])
+        return latest
+
+    def _skip_unless_my_turn(self, store: Any, incident_id: int, context: Any) -> None:
+        """Branch joins can wake a task whose path was not taken; the recorded decision is the truth."""
+        task_id = context["ti"].task_id
+        expected = self._expected_next(store, incident_id, self._run_id(context))
+        if expected != task_id:
+            raise AirflowSkipException(f"this run's last decision went to {expected!r}, not {task_id!r}")
+
+    @staticmethod
+    def _step_record(store: Any, incident_id: int, run_id: str, step: str) -> dict[str, Any] | None:
+        """The latest record this run made for `step` (acting or done), or None."""
+        latest = None
+        for ev in store.events(incident_id):
+            data = ev.data or {}
+            if ev.step == step and data.get("run_id") == run_id and data.get("step_status"):
+                latest = data
+        return latest
+
+
+class ClaimIncidentOperator(BaseOperator, _IncidentTask):
+    """Move the incident to remediating, owned by this run. Refuses incidents no run may take."""
+
+    ui_color = "#fde68a"
+
+    def __init__(self, *, playbook_type: str, conn_id: str = OPS_CONN_ID, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.playbook_type = playbook_type
+        self.conn_id = conn_id
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from fleetmedic.incidents.lifecycle import IllegalTransition
+
+        store = self._store()
+        incident_id = incident_id_from(context)
+        incident = store.get(incident_id)
+        if incident.type != self.playbook_type:
+            raise ValueError(
+                f"incident {incident_id} is of type '{incident.type}', but this is the '{self.playbook_type}' playbook; "
+                f"run playbook_{incident.type} instead"
+            )
+        manual_reason = run_param(context, "reason") or ""
+        who = run_param(context, "requested_by") or ""
+        reason = f"claimed by run {self._run_id(context)}"
+        if manual_reason:
+            reason += f" (manual: {manual_reason}{', by ' + who if who else ''})"
+        allowed = ("open", "held", "escalated") if manual_reason or run_param(context, "manual") else ("open",)
+        try:
+            claimed = store.claim(incident_id, run_id=self._run_id(context), actor=self._actor(context),
+                                  reason=reason, from_states=allowed)
+        except IllegalTransition as exc:
+            raise ValueError(
+                f"refusing to run playbook_{self.playbook_type} for incident {incident_id}: it is "
+                f"{incident.state}, and a run may only claim an incident that is {' or '.join(allowed)} ({exc})"
+            ) from exc
+        self.log.info("incident %s claimed: %s", incident_id, reason)
+        return {"incident_id": incident_id, "version": claimed.version, "resource_id": claimed.resource_id}
+
+
+class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
+    """Probe once more before acting: healthy now means a transient fault, resolved without action."""
+
+    ui_color = "#bfdbfe"
+
+    def __init__(self, *, check: str | None, first_step: str, steps: list[str], probe_timeout: float = 5.0,
+                 conn_id: str = OPS_CONN_ID, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.check = check
+        self.first_step = first_step
+        self.steps = steps
+        self.probe_timeout = probe_timeout
+        self.conn_id = conn_id
+
+    def choose_branch(self, context: Any) -> str:
+        from fleetmedic.detection.checks import Target, run_one
+
+        store = self._store()
+        incident_id = incident_id_from(context)
+        run_id = self._run_id(context)
+        start_at = run_param(context, "start_at") or ""
+        if start_at:
+            if start_at not in self.steps:
+                raise ValueError(f"start_at '{start_at}' is not a step of this playbook (steps: {', '.join(self.steps)})")
+            store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context),
+                           reason=f"operator asked to start at step '{start_at}'; skipping re-confirm",
+                           data={"run_id": run_id, "step_status": "done", "next": start_at})
+            return f"step_{start_at}"
+        if not self.check:
+            return f"step_{self.first_step}"
+        incident = store.get(incident_id)
+        resource = self._resource(incident)
+        target = Target(resource.id, resource.name, resource.kind, resource.host, resource.port, resource.attrs)
+        result = asyncio.run(run_one(target, self.check, self.probe_timeout))
+        if result.healthy:
+            reason = f"healthy on re-confirm ({self.check}: {result.reason}); transient, no action taken"
+            nxt = "resolve"
+        else:
+            reason = f"still failing on re-confirm ({self.check}: {result.reason}); starting at '{self.first_step}'"
+            nxt = f"step_{self.first_step}"
+        store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context), reason=reason,
+                       data={"run_id": run_id, "step_status": "done", "healthy": result.healthy,
+                             "next": nxt})
+        self.log.info(reason)
+        return nxt
+
+
+class ActionStepOperator(BaseBranchOperator, _IncidentTask):
+    """Run one remediation action, record its reason, and follow `next.ok` or `next.error`."""
+
+    ui_color = "#fecaca"
+
+    def __init__(self, *, step: str, action: str, next_ok: str, next_error: str,
+                 step_params: dict[str, Any] | None = None, conn_id: str = OPS_CONN_ID, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.step = step
+        self.action = action
+        self.next_ok = next_ok
+        self.next_error = next_error
+        self.step_params = step_params or {}
+        self.conn_id = conn_id
+
+    def choose_branch(self, context: Any) -> str:
+        from fleetmedic.actions.base import ActionContext
+        from fleetmedic.actions.registry import ACTIONS
+
+        store = self._store()
+        incident_id = incident_id_from(context)
+        run_id = self._run_id(context)
+        actor = self._actor(context)
+        record = self._step_record(store, incident_id, run_id, self.step)
+        if record and record.get("step_status") == "done":
+            # A retried or cleared task: the action already ran in this run; follow its recorded outcome.
+            self.log.info("step %s already ran in this run (%s); not acting twice", self.step, record.get("reason"))
+            return str(record["next"])
+        if record and record.get("step_status") == "acting":
+            reason = (f"step '{self.step}' was interrupted while running {self.action} in an earlier try; "
+                      "its outcome is unknown, so automation will not act again")
+            store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor, reason=reason,
+                           data={"run_id": run_id, "step_status": "done", "outcome": "error",
+                                 "next": "escalate"})
+            return "escalate"
+        self._skip_unless_my_turn(store, incident_id, context)
+        incident = store.get(incident_id)
+        resource = self._resource(incident)
+        spec = ACTIONS[self.action]
+        dry_run = bool(run_param(context, "dry_run", False))
+        # Take the fence before acting: this CAS fails if another run took the incident.
+        store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor,
+                       reason=f"{'would run' if dry_run else 'running'} {spec.name} on {resource.name}",
+                       data={"run_id": run_id, "step_status": "acting", "action": self.action,
+                             "dry_run": dry_run})
+        ctx = ActionContext(incident_id=incident_id, incident_type=incident.type, resource=resource,
+                            ops_dsn=ops_dsn(self.conn_id), dry_run=dry_run, params=self.step_params)
+        started = time.monotonic()
+        if dry_run:
+            from fleetmedic.actions.base import ActionResult
+
+            result = ActionResult(True, f"dry run: would have run {self.action} on {resource.name}")
+        else:
+            result = spec.fn(ctx)
+        nxt = self.next_ok if result.ok else self.next_error
+        store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor, reason=result.reason,
+                       data={"run_id": run_id, "step_status": "done", "action": self.action,
+                             "outcome": "ok" if result.ok else "error", "next": nxt,
+                             "seconds": round(time.monotonic() - started, 2), **result.data})
+        self.log.info("step %s: %s -> %s", self.step, result.reason, nxt)
+        return nxt
+
+
+class WaitHealthySensor(BaseSensorOperator, BranchMixIn, _IncidentTask):
+    """Wait (deferred, no worker slot held) until the check passes; branch to `next.healthy` or `next.timeout`."""
+
+    ui_color = "#bbf7d0"
+
+    def __init__(self, *, step: str, check: str, next_healthy: str, next_timeout: str, step_timeout: timedelta,
+                 interval: float = 3.0, conn_id: str = OPS_CONN_ID, **kwargs: Any):
+        # The trigger ends at the step deadline and branches to next.timeout; the sensor timeout is
+        # only the backstop (it fails the task, which pages).
+        kwargs.setdefault("timeout", step_timeout + timedelta(minutes=2))
+        kwargs.setdefault("execution_timeout", step_timeout + timedelta(minutes=2))
+        super().__init__(**kwargs)
+        self.step = step
+        self.check = check
+        self.next_healthy = next_healthy
+        self.next_timeout = next_timeout
+        self.step_timeout = step_timeout
+        self.interval = interval
+        self.conn_id = conn_id
+
+    def poke(self, context: Any) -> bool:  # pragma: no cover - this sensor always defers
+        raise NotImplementedError("WaitHealthySensor always defers")
+
+    def execute(self, context: Any) -> None:
+        store = self._store()
+        incident_id = incident_id_from(context)
+        run_id = self._run_id(context)
+        record = self._step_record(store, incident_id, run_id, self.step)
+        if record and record.get("step_status") == "done":
+            self.do_branch(context, str(record["next"]))
+            return
+        self._skip_unless_my_turn(store, incident_id, context)
+        incident = store.get(incident_id)
+        resource = self._resource(incident)
+        store.set_step(incident_id, run_id=run_id, step=self.step, actor=self._actor(context),
+                       reason=f"waiting up to {self.step_timeout} for {self.check} to pass on {resource.name}",
+                       data={"run_id": run_id, "step_status": "waiting"})
+        target = {"resource_id": resource.id, "name": resource.name, "kind": resource.kind, "host": resource.host,
+                  "port": resource.port, "attrs": resource.attrs}
+        self.defer(
+            trigger=WaitHealthyTrigger(target=target, check=self.check,
+                                       deadline=time.time() + self.step_timeout.total_seconds(),
+                                       interval=self.interval),
+            method_name="execute_complete",
+            timeout=self.step_timeout + timedelta(minutes=1),
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> None:
+        store = self._store()
+        incident_id = incident_id_from(context)
+        run_id = self._run_id(context)
+        if event.get("healthy"):
+            reason = f"{self.check} passes again after {event.get('probes')} probe(s): {event.get('reason')}"
+            nxt = self.next_healthy
+        else:
+            reason = (f"{self.check} still failing after {self.step_timeout} ({event.get('probes')} probes): "
+                      f"{event.get('reason')}")
+            nxt = self.next_timeout
+        store.set_step(incident_id, run_id=run_id, step=self.step, actor=self._actor(context), reason=reason,
+                       data={"run_id": run_id, "step_status": "done", "outcome": "healthy" if event.get("healthy")
+                             else "timeout", "next": nxt, "probes": event.get("probes")})
+        self.log.info("step %s: %s -> %s", self.step, reason, nxt)
+        self.do_branch(context, nxt)
+
+
+class TerminalOperator(BaseOperator, _IncidentTask):
+    """End of a path: resolve, await_resolution or escalate, with the last step's reason."""
+
+    def __init__(self, *, terminal: str, conn_id: str = OPS_CONN_ID, **kwargs: Any):
+        super().__init__(**kwargs)
+        if terminal not in ("resolve", "await_resolution", "escalate"):
+            raise ValueError(f"unknown terminal {terminal!r}")
+        self.terminal = terminal
+        self.conn_id = conn_id
+        self.ui_color = {"resolve": "#86efac", "await_resolution": "#fde047", "escalate": "#fca5a5"}[terminal]
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from fleetmedic.airflow.callbacks import page_details
+
+        store = self._store()
+        incident_id = incident_id_from(context)
+        run_id = self._run_id(context)
+        actor = self._actor(context)
+        self._skip_unless_my_turn(store, incident_id, context)
+        incident = store.get(incident_id)
+        last = next((ev for ev in reversed(store.events(incident_id))
+                     if (ev.data or {}).get("run_id") == run_id and ev.step), None)
+        why = last.reason if last else "no step recorded a reason"
+        if incident.state != "remediating" or incident.owner_run_id != run_id:
+            self.log.warning("incident %s is %s (owner %s): this run no longer owns it; %s skipped",
+                             incident_id, incident.state, incident.owner_run_id, self.terminal)
+            return {"incident_id": incident_id, "state": incident.state, "skipped": True}
+        if self.terminal == "resolve":
+            done = store.resolve(incident_id, actor=actor, reason=f"resolved: {why}",
+                                 expected_version=incident.version)
+        elif self.terminal == "await_resolution":
+            done = store.transition(incident_id, "await_resolution", actor=actor, expected_version=incident.version,
+                                    reason=f"automation acted; waiting for health to return: {why}")
+        else:
+            done, _page = store.escalate(
+                incident_id, actor=actor, reason=f"automation could not fix it: {why}",
+                step=last.step if last else None, details=page_details(context, store, incident_id),
+            )
+        self.log.info("incident %s -> %s: %s", incident_id, done.state, why)
+        return {"incident_id": incident_id, "state": done.state}
