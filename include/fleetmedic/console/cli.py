@@ -262,7 +262,7 @@ def incidents_list(state: str | None = typer.Option(None, help="only this state"
 
     rows = IncidentStore(_ops_dsn(dsn)).list(state=state, type=type_, limit=limit)
     if as_json:
-        _print_json([vars(i) for i in rows])
+        _print_json([i.as_dict() for i in rows])
         return
     table = Table("id", "type", "resource", "state", "step", "opened", "seen", "reason")
     for i in rows:
@@ -284,7 +284,7 @@ def incidents_show(incident_id: int, dsn: str | None = DsnOption, as_json: bool 
         _fail(str(exc))
     events = store.events(incident_id)
     if as_json:
-        _print_json({"incident": vars(inc), "events": [vars(e) for e in events]})
+        _print_json({"incident": inc.as_dict(), "events": [e.as_dict() for e in events]})
         return
     console.print(f"[bold]incident {inc.id}[/bold] {inc.type} on resource {inc.resource_id}: {inc.state}"
                   f" (version {inc.version}, detections {inc.detections})")

@@ -1,0 +1,68 @@
+"""One real stack for every end-to-end test: ops PostgreSQL, Redis, demo fleet and a real Airflow."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetmedic.localfleet.services import free_port, port_in_use
+
+
+def _free_port_block(size: int) -> int:
+    """A base port with `size` consecutive free ports after it."""
+    for _ in range(200):
+        base = free_port()
+        if base + size < 65000 and not any(port_in_use(base + i) for i in range(size)):
+            return base
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Any]:
+    from fleetmedic.localfleet.stack import LocalStack, StackConfig
+
+    home = Path(tempfile.mkdtemp(prefix="fleetmedic-e2e-"))
+    os.chmod(home, 0o755)
+    config = StackConfig(
+        home=str(home), ops_port=free_port(), redis_port=free_port(), airflow_port=free_port(),
+        fleet_base_port=_free_port_block(110), pairs=2, redis_pairs=0,
+    )
+    local = LocalStack(config)
+    try:
+        local.up()
+    except BaseException:
+        local.down()
+        raise
+    yield local
+    local.down()
+    leftovers = local.airflow.leftover_processes()
+    shutil.rmtree(home, ignore_errors=True)
+    assert leftovers == [], f"Airflow processes left after stop: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def airflow(stack) -> Iterator[Any]:
+    with stack.airflow.client() as client:
+        yield client
+
+
+@pytest.fixture
+def wait_until() -> Callable[..., Any]:
+    def wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 2.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            time.sleep(interval)
+
+    return wait
