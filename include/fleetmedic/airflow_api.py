@@ -5,7 +5,8 @@ instead. Verified against Airflow 3.3.2:
 
 - Auth (SimpleAuthManager): `POST /auth/token` with JSON `{"username", "password"}` answers 201
   `{"access_token": "<jwt>"}`; send it as `Authorization: Bearer <jwt>`. Tokens expire
-  (`[api_auth] jwt_expiration_time`, 24 h by default); on a 401 we fetch a new one and retry once.
+  (`[api_auth] jwt_expiration_time`, 24 h by default): an expired token gets 401 "Token Expired", a
+  token the server cannot verify 403 "Invalid JWT token"; on either we log in again and retry once.
 - Trigger: `POST /api/v2/dags/{dag_id}/dagRuns`. In 3.x `logical_date` is a REQUIRED key whose value
   may be null (a manual run with no logical date; `run_after` defaults to now). Several runs may
   therefore share no logical date; they are told apart by `dag_run_id`.
@@ -49,6 +50,15 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict) and "detail" in body:
         return str(body["detail"])[:1000]
     return str(body)[:500]
+
+
+def _token_rejected(response: httpx.Response) -> bool:
+    """Airflow answers 401 "Token Expired" for an expired token and 403 "Invalid JWT token" for one
+    it cannot verify (e.g. signed with the JWT secret of an earlier instance); both mean "log in
+    again", unlike a 403 for a permission the user lacks."""
+    if response.status_code == 401:
+        return True
+    return response.status_code == 403 and "invalid jwt token" in _detail(response).lower()
 
 
 class AirflowClient:
@@ -108,8 +118,8 @@ class AirflowClient:
                 r = self._http.request(method, path, params=params, json=json, headers=headers)
             except httpx.HTTPError as exc:
                 raise AirflowApiError(f"{method} {url} failed: {type(exc).__name__}: {exc}", url=url) from exc
-            if r.status_code == 401 and auth and attempt == 1:
-                self._token = None  # expired or signed by a restarted server with another secret
+            if auth and attempt == 1 and _token_rejected(r):
+                self._token = None
                 continue
             break
         if r.status_code not in ok:

@@ -26,6 +26,11 @@ def test_every_dag_file_imports_without_error(dagbag):
     assert files == {p.name for p in DAGS_DIR.glob("*.py")}
 
 
+def test_each_dag_file_is_named_after_its_dag(dagbag):
+    for dag_id, dag in dagbag.dags.items():
+        assert Path(dag.fileloc).stem == dag_id, f"{dag.fileloc} defines {dag_id}; name the file {dag_id}.py"
+
+
 def test_expected_dags_exist(dagbag):
     assert {"fleet_sweep", "pager_outbox", "playbook_resource_down"} <= set(dagbag.dag_ids)
 

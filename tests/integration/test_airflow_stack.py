@@ -106,11 +106,20 @@ def test_unknown_dag_error_names_url_and_status(client: AirflowClient) -> None:
     assert "/api/v2/dags/no_such_dag/dagRuns" in str(err.value)
 
 
-def test_token_refreshed_after_401(airflow_stack: AirflowStack) -> None:
+def test_expired_or_foreign_token_is_replaced(airflow_stack: AirflowStack) -> None:
+    import jwt  # PyJWT, an Airflow dependency: forge an expired token signed with the stack's secret
+
+    now = int(time.time())
+    secret = airflow_stack._secrets()["jwt_secret"]
+    expired = jwt.encode(
+        {"sub": airflow_stack.user, "role": "ADMIN", "iat": now - 600, "nbf": now - 600, "exp": now - 300},
+        secret, algorithm="HS512",
+    )
     with AirflowClient(airflow_stack.url, airflow_stack.user, airflow_stack.password) as c:
-        c._token = "expired-or-forged"
-        assert c.get_dag("fleetmedic_smoke") is not None
-        assert c._token != "expired-or-forged"
+        for stale in (expired, "signed-by-someone-else"):  # 401 Token Expired / 403 Invalid JWT token
+            c._token = stale
+            assert c.get_dag("fleetmedic_smoke") is not None
+            assert c._token != stale
 
 
 def test_env_file_written(airflow_stack: AirflowStack) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fleetmedic.actions.base import ActionContext, ActionResult
+from fleetmedic.actions.registry import register_action
 from fleetmedic.localfleet.fleet import cluster_for
 from fleetmedic.localfleet.services import ServiceError
 
 __all__ = ["restart"]
 
 
+@register_action("postgres.restart", "postgres", "start a stopped PostgreSQL server")
 def restart(ctx: ActionContext) -> ActionResult:
     """Start the database server again (pg_ctl start); a running server is left as it is."""
     res = ctx.resource

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fleetmedic.actions.base import ActionContext, ActionResult
+from fleetmedic.actions.registry import register_action
 from fleetmedic.localfleet.fleet import redis_for
 from fleetmedic.localfleet.services import ServiceError
 
 __all__ = ["restart"]
 
 
+@register_action("redis.restart", "redis", "start a stopped redis-server")
 def restart(ctx: ActionContext) -> ActionResult:
     """Start redis-server again; a running server is left as it is."""
     res = ctx.resource

@@ -19,6 +19,7 @@ from fleetmedic.airflow.operators import (
     WaitHealthySensor,
 )
 from fleetmedic.airflow.sensors import FleetProbeSensor
+from fleetmedic.detection.checks import CHECKS
 from fleetmedic.playbooks.schema import TERMINALS, Playbook
 
 __all__ = ["build_outbox_dag", "build_playbook_dag", "build_sweep_dag"]
@@ -145,7 +146,7 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
                                       execution_timeout=timedelta(minutes=1))
         reconfirm = ReconfirmOperator(
             task_id="reconfirm",
-            check=pb.detect.check if pb.detect else None,
+            checks_by_kind={CHECKS[d.check][0]: d.check for d in pb.detects},
             first_step=pb.steps[0].name,
             steps=step_names,
             execution_timeout=timedelta(minutes=1),

@@ -41,6 +41,18 @@ def incident_id_from(context: Any) -> int:
         raise ValueError(f"incident_id must be an integer, got {value!r}") from exc
 
 
+def resource_target(resource: Any) -> Any:
+    """The probe's view of an inventory resource (server details under attrs['server'])."""
+    from fleetmedic.detection.checks import Target
+
+    attrs = dict(resource.attrs)
+    attrs["role"] = resource.role
+    if resource.server is not None:
+        attrs["server"] = {"name": resource.server.name, "provider": resource.server.provider,
+                           "address": resource.server.address, "attrs": dict(resource.server.attrs)}
+    return Target(resource.id, resource.name, resource.kind, resource.host, resource.port, attrs)
+
+
 def run_param(context: Any, name: str, default: Any = None) -> Any:
     params = context.get("params") or {}
     dag_run = context.get("dag_run")
@@ -147,17 +159,17 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
 
     ui_color = "#bfdbfe"
 
-    def __init__(self, *, check: str | None, first_step: str, steps: list[str], probe_timeout: float = 5.0,
-                 conn_id: str = OPS_CONN_ID, **kwargs: Any):
+    def __init__(self, *, checks_by_kind: dict[str, str], first_step: str, steps: list[str],
+                 probe_timeout: float = 5.0, conn_id: str = OPS_CONN_ID, **kwargs: Any):
         super().__init__(**kwargs)
-        self.check = check
+        self.checks_by_kind = checks_by_kind
         self.first_step = first_step
         self.steps = steps
         self.probe_timeout = probe_timeout
         self.conn_id = conn_id
 
     def choose_branch(self, context: Any) -> str:
-        from fleetmedic.detection.checks import Target, run_one
+        from fleetmedic.detection.checks import run_one
 
         store = self._store()
         incident_id = incident_id_from(context)
@@ -170,17 +182,21 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
                            reason=f"operator asked to start at step '{start_at}'; skipping re-confirm",
                            data={"run_id": run_id, "step_status": "done", "next": start_at})
             return f"step_{start_at}"
-        if not self.check:
-            return f"step_{self.first_step}"
         incident = store.get(incident_id)
         resource = self._resource(incident)
-        target = Target(resource.id, resource.name, resource.kind, resource.host, resource.port, resource.attrs)
-        result = asyncio.run(run_one(target, self.check, self.probe_timeout))
+        check = self.checks_by_kind.get(resource.kind)
+        if not check:
+            reason = f"no detect check for a {resource.kind} resource; starting at '{self.first_step}'"
+            store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context), reason=reason,
+                           data={"run_id": run_id, "step_status": "done", "next": f"step_{self.first_step}"})
+            return f"step_{self.first_step}"
+        target = resource_target(resource)
+        result = asyncio.run(run_one(target, check, self.probe_timeout))
         if result.healthy:
-            reason = f"healthy on re-confirm ({self.check}: {result.reason}); transient, no action taken"
+            reason = f"healthy on re-confirm ({check}: {result.reason}); transient, no action taken"
             nxt = "resolve"
         else:
-            reason = f"still failing on re-confirm ({self.check}: {result.reason}); starting at '{self.first_step}'"
+            reason = f"still failing on re-confirm ({check}: {result.reason}); starting at '{self.first_step}'"
             nxt = f"step_{self.first_step}"
         store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context), reason=reason,
                        data={"run_id": run_id, "step_status": "done", "healthy": result.healthy,
@@ -289,8 +305,9 @@ class WaitHealthySensor(BaseSensorOperator, BranchMixIn, _IncidentTask):
         store.set_step(incident_id, run_id=run_id, step=self.step, actor=self._actor(context),
                        reason=f"waiting up to {self.step_timeout} for {self.check} to pass on {resource.name}",
                        data={"run_id": run_id, "step_status": "waiting"})
-        target = {"resource_id": resource.id, "name": resource.name, "kind": resource.kind, "host": resource.host,
-                  "port": resource.port, "attrs": resource.attrs}
+        t = resource_target(resource)
+        target = {"resource_id": t.resource_id, "name": t.name, "kind": t.kind, "host": t.host, "port": t.port,
+                  "attrs": t.attrs}
         self.defer(
             trigger=WaitHealthyTrigger(target=target, check=self.check,
                                        deadline=time.time() + self.step_timeout.total_seconds(),

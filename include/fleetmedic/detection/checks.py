@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["CHECKS", "CheckResult", "Target", "check_kind", "run_checks", "run_one"]
+__all__ = ["CHECKS", "CheckResult", "Target", "check_kind", "register_check", "run_checks", "run_one"]
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,38 @@ async def _redis_ping(target: Target, timeout: float) -> tuple[bool, float | Non
     return True, ms, f"PING answered in {ms:.0f} ms"
 
 
-# name -> (resource kind it applies to, probe)
+# name -> (resource kind it applies to, probe). Families of checks add themselves with
+# `register_check` from modules under fleetmedic.detection.probes (imported at the end of this file).
 CHECKS: dict[str, tuple[str, ProbeFn]] = {
     "postgres.connect": ("postgres", _postgres_connect),
     "redis.ping": ("redis", _redis_ping),
 }
+
+
+# The check a wait step uses when it only wants "is it serving again", whatever the resource kind.
+AVAILABILITY_CHECK_BY_KIND = {"postgres": "postgres.connect", "redis": "redis.ping"}
+
+
+async def _resource_available(target: Target, timeout: float) -> tuple[bool, float | None, str]:
+    check = AVAILABILITY_CHECK_BY_KIND.get(target.kind)
+    if check is None:
+        return False, None, f"resource.available has no check for a {target.kind} resource"
+    return await CHECKS[check][1](target, timeout)
+
+
+CHECKS["resource.available"] = ("any", _resource_available)
+
+
+def register_check(name: str, kind: str) -> Callable[[ProbeFn], ProbeFn]:
+    """Decorator: add an async probe `(target, timeout) -> (healthy, value, reason)` to CHECKS."""
+
+    def add(fn: ProbeFn) -> ProbeFn:
+        if name in CHECKS:
+            raise ValueError(f"check {name!r} is registered twice")
+        CHECKS[name] = (kind, fn)
+        return fn
+
+    return add
 
 
 def check_kind(check: str) -> str:
@@ -120,3 +147,16 @@ async def run_checks(
             return await run_one(target, check, timeout)
 
     return list(await asyncio.gather(*(bounded(t, c) for t, c in work)))
+
+
+def _load_check_families() -> None:
+    import importlib
+    import pkgutil
+
+    import fleetmedic.detection.probes as probes
+
+    for mod in pkgutil.iter_modules(probes.__path__):
+        importlib.import_module(f"{probes.__name__}.{mod.name}")
+
+
+_load_check_families()

@@ -74,19 +74,18 @@ class HealthRow:
 def rules_from_playbooks(playbooks: Iterable[Any]) -> list[DetectRule]:
     rules = []
     for pb in playbooks:
-        if pb.detect is None:
-            continue
-        kind = CHECKS[pb.detect.check][0]
-        rules.append(
-            DetectRule(
-                type=pb.type,
-                check=pb.detect.check,
-                failures=pb.detect.confirm.failures,
-                over_seconds=pb.detect.confirm.over.total_seconds(),
-                severity=pb.severity,
-                kinds=tuple(k for k in pb.applies_to if k == kind) or (kind,),
+        for detect in pb.detects:
+            kind = CHECKS[detect.check][0]
+            rules.append(
+                DetectRule(
+                    type=pb.type,
+                    check=detect.check,
+                    failures=detect.confirm.failures,
+                    over_seconds=detect.confirm.over.total_seconds(),
+                    severity=pb.severity,
+                    kinds=(kind,),
+                )
             )
-        )
     return rules
 
 
@@ -97,14 +96,24 @@ def plan_shards(resource_count: int, shard_size: int) -> list[dict[str, int]]:
 
 
 async def load_targets(aconn: Any, shard: int, shard_count: int) -> list[Target]:
+    """The shard's enabled resources; each target's attrs carry its server under the key `server`."""
     async with aconn.cursor() as cur:
         await cur.execute(
-            "SELECT id, name, kind, host, port, attrs FROM resources "
-            "WHERE enabled AND id %% %s = %s ORDER BY id",
+            "SELECT r.id, r.name, r.kind, r.host, r.port, r.attrs, r.role, "
+            "       s.name, s.provider, s.address, s.attrs "
+            "FROM resources r LEFT JOIN servers s ON s.id = r.server_id "
+            "WHERE r.enabled AND r.id %% %s = %s ORDER BY r.id",
             (shard_count, shard),
         )
         rows = await cur.fetchall()
-    return [Target(r[0], r[1], r[2], r[3], r[4], dict(r[5] or {})) for r in rows]
+    targets = []
+    for r in rows:
+        attrs = dict(r[5] or {})
+        attrs["role"] = r[6]
+        if r[7] is not None:
+            attrs["server"] = {"name": r[7], "provider": r[8], "address": r[9], "attrs": dict(r[10] or {})}
+        targets.append(Target(r[0], r[1], r[2], r[3], r[4], attrs))
+    return targets
 
 
 _RECORD_SQL = """

@@ -11,12 +11,13 @@ Findings (verified against the installed 3.3.2 source, not guessed):
 - Components: 3.x has no webserver; `airflow api-server` serves the UI, the public REST API
   (`/api/v2`), the auth manager's routes (`/auth`) AND the Execution API (`/execution/`) that task
   processes talk to. `airflow dag-processor` is always a separate process; the scheduler never parses.
-- `[core] execution_api_server_url` must point at our api-server (default is localhost:8080), and
-  `[api_auth] jwt_secret` must be the same in every process: the scheduler signs the task's
-  Execution-API token and the api-server verifies it (likewise `[api] secret_key`, `[core]
-  fernet_key`). Unset, each process would generate its own and tasks fail with 403s. We generate
-  them once and persist them in `<home>/fleetmedic-secrets.json` (so a restart on the same
-  metadata DB keeps working).
+- `[core] execution_api_server_url` must point at our api-server (the default is localhost:8080).
+  `[api_auth] jwt_secret` must be identical in every process: the scheduler signs each task's
+  Execution-API token and the api-server verifies it (same for `[api] secret_key`, `[core]
+  fernet_key`). Left unset they come from the airflow.cfg Airflow writes into AIRFLOW_HOME on first
+  use (racy when several processes start at once). We generate them once, persist them in
+  `<home>/fleetmedic-secrets.json` (so a restart on the same metadata DB keeps working) and pass
+  them as env vars, which win over airflow.cfg.
 - SimpleAuthManager: `[core] simple_auth_manager_users` is `user:ROLE[,user:ROLE]`; the passwords
   file (`[core] simple_auth_manager_passwords_file`) is JSON `{"user": "password"}`. Airflow only
   generates a password for users missing from the file, so writing it before start makes the
@@ -30,15 +31,26 @@ Findings (verified against the installed 3.3.2 source, not guessed):
 - `[core] dags_are_paused_at_creation = False`, `load_examples = False`.
 - Health (`GET /api/v2/monitor/health`, no auth) is the latest job row per component with a fresh
   heartbeat, so right after a restart on an old DB it can report the PREVIOUS (dead) job; we
-  require heartbeats newer than our start time.
+  require each heartbeat to be newer than the component's pid file.
 - The scheduler and triggerer serve task logs on `[logging] worker_log_server_port` (8793) and
   `trigger_log_server_port` (8794): fixed defaults collide between two stacks, so we pick free ports.
-- Task processes: the LocalExecutor forks workers in the scheduler's process group, but the task
-  supervisor puts each task runner in its own process GROUP (same session). Killing the scheduler's
-  group alone can therefore leave task processes; `stop()` also sweeps /proc for anything in our
-  components' sessions or carrying our AIRFLOW_HOME in its environment.
-- The api-server (uvicorn, `[api] workers`) waits up to `worker_timeout` for graceful shutdown; we
-  pass `--worker-timeout 30` so `stop()` is quick.
+- Task processes: the LocalExecutor forks its workers (the task supervisors) into the scheduler's
+  process group, but each task runner gets its own process GROUP (same session). On SIGTERM a task
+  runner only calls the operator's `on_kill()` and keeps running, and the LocalExecutor waits for
+  running tasks, so a plain SIGTERM to the scheduler waits out the whole timeout. `stop()` kills
+  the task groups first (SIGTERM, SIGKILL after `task_grace`), then the components.
+- A process a task detached with setsid keeps the task's log pipes open, and its supervisor then
+  waits `[workers] socket_cleanup_timeout` (default 60 s, we use 10); `stop()` kills such
+  "escaped" processes too.
+- Finding our processes: setproctitle (api-server, executor workers, serve-logs, task runners)
+  overwrites /proc/<pid>/environ, so AIRFLOW_HOME in the environment is not enough. We match by
+  session (every component is a session leader; children stay in it), by environment, and, for
+  orphans of a killed component, by an `airflow` command line with its cwd under home.
+- The api-server (uvicorn) waits up to `--worker-timeout` (120 s default) for a graceful shutdown;
+  we pass 30.
+- Timings on a 2-core VM: `db migrate` of an empty DB ~4 s; start to ready ~10-13 s; trigger to
+  success of a one-task DAG ~5 s (of which ~3 s is the task process starting); a new DAG file is
+  visible in <= ~7 s; stop ~5-8 s idle, ~11-18 s with a task running.
 """
 
 from __future__ import annotations
@@ -318,7 +330,6 @@ class AirflowStack:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self._user}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
-            "AIRFLOW__CORE__KILLED_TASK_CLEANUP_TIME": "15",
             "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "30",
             # metadata database
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": _sqlalchemy_dsn(self.metadata_dsn),
@@ -338,6 +349,8 @@ class AirflowStack:
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.5",
             "AIRFLOW__SCHEDULER__CATCHUP_BY_DEFAULT": "False",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
+            # a task that leaves a detached child holding its log pipes blocks its executor slot this long
+            "AIRFLOW__WORKERS__SOCKET_CLEANUP_TIMEOUT": "10",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             # dag-processor: see new and changed files within seconds
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -446,7 +459,8 @@ class AirflowStack:
             print(f"airflow: metadata database ready in {elapsed:.1f}s", flush=True)
         return elapsed
 
-    def _process(self, component: str) -> BackgroundProcess:
+    def _process(self, component: str, with_env: bool = False) -> BackgroundProcess:
+        """The component's BackgroundProcess; the environment is only built when it is to start."""
         exe = str(self.bin_dir / "airflow")
         argv = {
             "api-server": [exe, "api-server", "--host", self.host, "--port", str(self.port),
@@ -455,10 +469,10 @@ class AirflowStack:
             "dag-processor": [exe, "dag-processor"],
             "triggerer": [exe, "triggerer"],
         }[component]
-        return BackgroundProcess(component, argv, self.run_dir, env=self.env(), cwd=self.home)
+        return BackgroundProcess(component, argv, self.run_dir, env=self.env() if with_env else None, cwd=self.home)
 
-    def processes(self) -> dict[str, BackgroundProcess]:
-        return {c: self._process(c) for c in COMPONENTS}
+    def processes(self, with_env: bool = False) -> dict[str, BackgroundProcess]:
+        return {c: self._process(c, with_env) for c in COMPONENTS}
 
     def logfile(self, component: str) -> Path:
         return self._process(component).logfile
@@ -479,13 +493,13 @@ class AirflowStack:
         self._prepare_home()
         self._ensure_password()
         self.write_env_file()
-        procs = self.processes()
+        procs = self.processes(with_env=True)
         if not procs["api-server"].running() and port_in_use(self.port, self.host):
             raise ServiceError(
                 f"cannot start the Airflow api-server for {self.home}: port {self.port} on {self.host} "
                 "is already in use by another process; stop it or choose another port"
             )
-        if migrate:
+        if migrate and not all(p.running() for p in procs.values()):
             self.migrate_db()
         pids = {}
         for name, proc in procs.items():

@@ -16,9 +16,11 @@ from fleetmedic.config import REPO_ROOT
 from fleetmedic.localfleet.fleet import DemoFleet
 from fleetmedic.localfleet.services import PostgresCluster, RedisServer, ServiceError
 
-__all__ = ["FLEETMEDIC_DAGS", "LocalStack", "StackConfig"]
+__all__ = ["LocalStack", "StackConfig", "fleetmedic_dag_ids"]
 
-FLEETMEDIC_DAGS = ("fleet_sweep", "pager_outbox", "playbook_resource_down")
+def fleetmedic_dag_ids() -> list[str]:
+    """Every DAG of the project: by convention dags/<dag_id>.py (the integrity test enforces it)."""
+    return sorted(p.stem for p in (REPO_ROOT / "dags").glob("*.py") if not p.name.startswith("_"))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -138,8 +140,9 @@ class LocalStack:
             af.start()
             af.wait_ready(timeout=240)
             with af.client() as client:
-                client.wait_for_dags(list(FLEETMEDIC_DAGS), timeout=240)
-                for dag_id in FLEETMEDIC_DAGS:
+                dag_ids = fleetmedic_dag_ids()
+                client.wait_for_dags(dag_ids, timeout=240)
+                for dag_id in dag_ids:
                     client.unpause(dag_id)
         env_file = self.write_env_file()
         progress(f"up in {time.monotonic() - t0:.0f}s; settings written to {env_file}")

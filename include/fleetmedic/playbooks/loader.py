@@ -83,11 +83,12 @@ def validate_playbook(pb: Playbook, *, known_actions: Iterable[str], known_check
         if n in TERMINALS:
             problems.append(f"step '{n}': '{n}' is a terminal and cannot be a step name")
         seen.add(n)
-    if pb.detect and pb.detect.check not in known_checks:
-        problems.append(
-            f"detect: field 'check' names unknown check '{pb.detect.check}'{_suggest(pb.detect.check, known_checks)} "
-            f"(known: {', '.join(sorted(known_checks))})"
-        )
+    for d in pb.detects:
+        if d.check not in known_checks:
+            problems.append(
+                f"detect: field 'check' names unknown check '{d.check}'{_suggest(d.check, known_checks)} "
+                f"(known: {', '.join(sorted(known_checks))})"
+            )
     targets = set(names) | set(TERMINALS)
     for s in pb.steps:
         if bool(s.action) == bool(s.wait_healthy):
@@ -101,7 +102,7 @@ def validate_playbook(pb: Playbook, *, known_actions: Iterable[str], known_check
         if s.action:
             kind = s.action.split(".", 1)[0]
             allowed_kinds = {"instance": "server"}.get(kind, kind)
-            if allowed_kinds not in pb.applies_to and kind not in ("pager", "incident"):
+            if allowed_kinds not in pb.applies_to and kind not in ("pager", "incident", "resource"):
                 problems.append(
                     f"step '{s.name}': action '{s.action}' acts on {allowed_kinds}, but the playbook applies_to "
                     f"{pb.applies_to}; add it to applies_to or use another action"

@@ -88,7 +88,7 @@ class Playbook(_Model):
     severity: Literal["critical", "error", "warning", "info"] = "critical"
     applies_to: list[Literal["postgres", "redis", "server"]]
     runbook: str
-    detect: Detect | None = None
+    detect: Detect | list[Detect] | None = None
     limits: Limits = Field(default_factory=Limits)
     steps: list[Step] = Field(min_length=1)
 
@@ -98,6 +98,21 @@ class Playbook(_Model):
         if not v.strip():
             raise ValueError("runbook is empty; say what the incident means and what to do when paged")
         return v
+
+    @property
+    def detects(self) -> list[Detect]:
+        """The detect blocks as a list (a playbook may cover several kinds, one check each)."""
+        if self.detect is None:
+            return []
+        return list(self.detect) if isinstance(self.detect, list) else [self.detect]
+
+    def detect_for_kind(self, kind: str) -> Detect | None:
+        from fleetmedic.detection.checks import CHECKS
+
+        for d in self.detects:
+            if d.check in CHECKS and CHECKS[d.check][0] == kind:
+                return d
+        return None
 
     def step(self, name: str) -> Step:
         for s in self.steps:

@@ -1,0 +1,1 @@
+"""Families of checks; each module registers its probes with fleetmedic.detection.checks.register_check."""
