@@ -15,6 +15,21 @@ import pytest
 from fleetmedic.localfleet.services import free_port, port_in_use
 
 
+# Who may break what in the shared demo fleet (tests run one after another in one session; each
+# test leaves its resources healthy unless it is marked `e2e_last`):
+#   pg1a/pg1b       resource_down (stop), kill-postgres, blocking queries
+#   pg2a/pg2b       resource_down with the data directory removed (destructive, runs last)
+#   pg3a/pg3b       follower_behind (pause-replay on pg3b), old_base_backup (pg3a)
+#   pg4a/pg4b       failover and changeover (destructive to the topology)
+#   pg5a/pg5b       server_down and kernel_panic (srv-pg5a, srv-pg5b)
+#   redis1a/redis1b resource_down for Redis, broken Redis replication
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked e2e_last (they leave something broken for good) run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e_last") is not None)
+
+
 def _free_port_block(size: int) -> int:
     """A base port with `size` consecutive free ports after it."""
     for _ in range(200):
@@ -32,7 +47,7 @@ def stack() -> Iterator[Any]:
     os.chmod(home, 0o755)
     config = StackConfig(
         home=str(home), ops_port=free_port(), redis_port=free_port(), airflow_port=free_port(),
-        fleet_base_port=_free_port_block(110), pairs=2, redis_pairs=0,
+        fleet_base_port=_free_port_block(110), pairs=5, redis_pairs=1,
     )
     local = LocalStack(config)
     try:

@@ -67,6 +67,7 @@ def test_stopped_postgres_is_restarted_and_resolved(stack, airflow, wait_until):
     assert pages == (0,), "a fault automation fixed pages nobody"
 
 
+@pytest.mark.e2e_last
 def test_postgres_that_cannot_restart_escalates_with_exactly_one_page(stack, airflow, wait_until):
     store = IncidentStore(stack.ops_dsn)
     res, cluster = _cluster(stack, "pg2a")

@@ -60,7 +60,9 @@ def build_sweep_dag(playbooks: list[Playbook], *, doc: str) -> DAG:
         dag_id="fleet_sweep",
         description="Probe the fleet like a customer would, confirm failures, open incidents, start playbooks",
         doc_md=doc,
-        schedule="* * * * *",
+        # Back-to-back runs: each run probes for up to `window` seconds (ending early when something
+        # new is confirmed), and with max_active_runs=1 the next run starts as soon as it ends.
+        schedule=timedelta(seconds=int(_env_float("FLEETMEDIC_SWEEP_EVERY", 30))),
         start_date=START,
         catchup=False,
         max_active_runs=1,

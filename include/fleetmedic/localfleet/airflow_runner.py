@@ -574,7 +574,7 @@ class AirflowStack:
             if echo and elapsed - last_report >= 10:
                 last_report = elapsed
                 print(f"airflow: waiting for {', '.join(problems)} ({elapsed:.0f}s)", flush=True)
-            time.sleep(1)
+            time.sleep(0.5)
 
     def _sessions(self) -> set[int]:
         """Sessions led by our live components (the pid in each pid file, when alive)."""
@@ -684,5 +684,6 @@ def _redact(dsn: str) -> str:
 
 def _interesting_migrate_line(line: str) -> bool:
     low = line.lower()
-    keys = ("performing upgrade", "running upgrade", "running stamp", "created", "done", "error", "traceback")
+    # Errors are not echoed line by line: a failure raises with the tail of the log.
+    keys = ("performing upgrade", "running upgrade", "running stamp", "tables created", "migration done")
     return any(k in low for k in keys)

@@ -116,13 +116,24 @@ def _as_user(cmd: Sequence[str], user: str | None) -> list[str]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True if `pid` runs. An exited process that nobody reaped yet (a zombie) does not count: we
+    reap it if it is our child, and otherwise look at its state (a reparented zombie can linger
+    forever when PID 1 does not reap, as in some containers)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
 
 
 def _wait(predicate, timeout: float, interval: float = 0.2) -> bool:
