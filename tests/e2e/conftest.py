@@ -14,7 +14,6 @@ import pytest
 
 from fleetmedic.localfleet.services import free_port, port_in_use
 
-
 # Who may break what in the shared demo fleet (tests run one after another in one session; each
 # test leaves its resources healthy unless it is marked `e2e_last`):
 #   pg1a/pg1b       resource_down (stop), kill-postgres, blocking queries

@@ -218,10 +218,12 @@ def build_outbox_dag(*, doc: str) -> DAG:
         @task
         def deliver() -> dict[str, Any]:
             from fleetmedic.airflow.connections import ops_dsn
-            from fleetmedic.pager.backends import LogBackend
+            from fleetmedic.airflow.pager import backend_from_connection
             from fleetmedic.pager.outbox import deliver_pending
 
-            report = deliver_pending(ops_dsn(), LogBackend())
+            backend = backend_from_connection()
+            report = deliver_pending(ops_dsn(), backend)
+            print(f"pager backend: {backend.name}")
             print(report)
             return {"report": str(report)}
 
