@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 __all__ = ["Resource", "Server", "UnknownResource", "get_resource", "list_resources", "upsert_resource",
-           "upsert_server"]
+           "upsert_server", "upsert_server_resource"]
 
 
 class UnknownResource(LookupError):
@@ -93,6 +93,22 @@ def upsert_resource(conn: psycopg.Connection, *, name: str, kind: str, role: str
         "ON CONFLICT (name) DO UPDATE SET kind = excluded.kind, host = excluded.host, port = excluded.port, "
         "server_id = excluded.server_id, attrs = excluded.attrs, updated_at = now() RETURNING id",
         (name, kind, role, host, port, server_id, primary_id, json.dumps(attrs or {})),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def upsert_server_resource(conn: psycopg.Connection, *, server_id: int, name: str, host: str) -> int:
+    """The server's own row in `resources` (kind 'server', no port): server-level incidents attach to it."""
+    clash = conn.execute("SELECT kind FROM resources WHERE name = %s AND kind <> 'server'", (name,)).fetchone()
+    if clash is not None:
+        raise ValueError(f"server {name!r} cannot be registered: a {clash[0]} resource is already named {name!r} "
+                         "(servers and databases share one namespace in `resources`); rename one of them")
+    row = conn.execute(
+        "INSERT INTO resources (name, kind, role, host, port, server_id) VALUES (%s, 'server', 'standalone', %s, "
+        "NULL, %s) ON CONFLICT (name) DO UPDATE SET host = excluded.host, server_id = excluded.server_id, "
+        "updated_at = now() RETURNING id",
+        (name, host, server_id),
     ).fetchone()
     assert row is not None
     return int(row[0])

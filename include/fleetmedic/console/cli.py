@@ -17,7 +17,7 @@ app = typer.Typer(help="fleetmedic: automatic incident resolution for PostgreSQL
 GROUPS = [
     ("db", "fleetmedic.console.db_cli"),
     ("demo", "fleetmedic.console.demo_cli"),
-    ("fleet", "fleetmedic.console.fleet_cli"),
+    ("fleet", "fleetmedic.console.inventory_cli"),  # fleet_cli's app plus `fleet import` / `fleet discover`
     ("chaos", "fleetmedic.console.fleet_cli:chaos_app"),
     ("incidents", "fleetmedic.console.incidents_cli"),
     ("pages", "fleetmedic.console.pages_cli"),

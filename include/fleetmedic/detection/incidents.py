@@ -67,6 +67,12 @@ def open_incidents_for_findings(
             summary.silenced += 1
             continue
         kept.append(f)
+    if kept:
+        # A database on a server that is down waits for the server's playbook (detection/correlation.py).
+        from fleetmedic.detection.correlation import defer_findings_explained_by_servers
+
+        with psycopg.connect(ops_dsn) as conn:
+            kept, _deferred = defer_findings_explained_by_servers(conn, kept)
     store = IncidentStore(ops_dsn)
     if kept:
         results = store.open_or_refresh_many(

@@ -14,7 +14,8 @@ from typing import Any
 
 import psycopg
 
-from fleetmedic.inventory import upsert_resource, upsert_server
+from fleetmedic.cloud.local import LocalServer
+from fleetmedic.inventory import upsert_resource, upsert_server, upsert_server_resource
 from fleetmedic.localfleet.services import (
     PostgresCluster,
     RedisServer,
@@ -104,6 +105,7 @@ class DemoFleet:
             console = self.servers_dir / m.server / "console.log"
             if not console.exists():
                 console.write_text(f"[    0.000000] fleetmedic local server {m.server} booted\n")
+            args: tuple[str, ...] = ()
             if m.kind == "postgres":
                 cluster = PostgresCluster(m.base_dir, m.port)
                 if m.role == "follower" and not cluster.initialized():
@@ -112,11 +114,13 @@ class DemoFleet:
                 progress(f"  postgres {m.name:<8} {m.role:<9} 127.0.0.1:{m.port}  server {m.server}")
                 cluster.start()
             else:
-                args: tuple[str, ...] = ()
                 if m.role == "follower" and m.primary:
                     args = ("--replicaof", "127.0.0.1", str(by_name[m.primary].port))
                 progress(f"  redis    {m.name:<8} {m.role:<9} 127.0.0.1:{m.port}  server {m.server}")
                 RedisServer(m.base_dir, m.port, extra_args=args).start()
+            # The local cloud stops and starts a server's instances together (stop-server, reboot).
+            LocalServer(self.servers_dir / m.server, m.server).register_instance(m.name, m.kind, m.port, m.base_dir,
+                                                                                 args)
         (self.home / "fleet.json").write_text(json.dumps(
             {"pairs": self.pairs, "redis_pairs": self.redis_pairs, "base_port": self.base_port,
              "followers": self.followers}, indent=2))
@@ -150,6 +154,7 @@ class DemoFleet:
                     attrs={"dir": str(self.servers_dir / m.server),
                            "console_log": str(self.servers_dir / m.server / "console.log")},
                 )
+                upsert_server_resource(conn, server_id=sid, name=m.server, host="127.0.0.1")
                 primary_id = ids.get(m.primary) if m.primary else None
                 ids[m.name] = upsert_resource(
                     conn, name=m.name, kind=m.kind, role=m.role, host="127.0.0.1", port=m.port,
