@@ -262,7 +262,13 @@ def parse_inventory_file(path: Path | str) -> tuple[InventoryPlan, list[Problem]
             plan.servers.append(entry)
         elif isinstance(entry, ResourceEntry):
             plan.resources.append(entry)
+    problems.sort(key=_line_of)  # stable: a row's problems stay in field order
     return plan, problems
+
+
+def _line_of(problem: Problem) -> int:
+    m = re.match(r"line (\d+)", problem.where)
+    return int(m.group(1)) if m else 0
 
 
 # -- one row -> one entry ---------------------------------------------------------------------
@@ -419,7 +425,9 @@ def validate_plan(conn: psycopg.Connection, plan: InventoryPlan) -> list[Problem
         else:
             defined[entry.name] = entry.where
     file_servers = {s.name for s in plan.servers}
-    file_resources = {r.name: r for r in plan.resources}
+    file_resources: dict[str, ResourceEntry] = {}
+    for entry in plan.resources:
+        file_resources.setdefault(entry.name, entry)  # a duplicate is reported above; check against the first
     for s in plan.servers:
         old = existing.get(s.name)
         if old is not None and old.kind != "server":

@@ -32,7 +32,7 @@ def fleet_import(
         summary = import_inventory(ops_dsn(dsn), path)
     except InventoryFileError as exc:
         for line in str(exc).splitlines():
-            err.print(f"[red]error:[/red] {line}", highlight=False)
+            err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)  # one problem, one line
         err.print(f"nothing was imported ({len(exc.problems)} problem(s)); fix the file and run it again",
                   highlight=False)
         raise typer.Exit(1) from None
