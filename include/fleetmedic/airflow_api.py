@@ -340,3 +340,38 @@ class AirflowClient:
             body["task_ids"] = list(task_ids)
         data = self.request("POST", f"/api/v2/dags/{_q(dag_id)}/clearTaskInstances", json=body)
         return data.get("task_instances", []) if isinstance(data, dict) else []
+
+    # -- pools ----------------------------------------------------------------------------------
+
+    def list_pools(self) -> list[dict]:
+        """Every pool: name, slots, description, include_deferred, and slot usage (paging through)."""
+        pools: list[dict] = []
+        offset = 0
+        while True:
+            page = self.get("/api/v2/pools", limit=100, offset=offset)
+            pools.extend(page["pools"])
+            offset += len(page["pools"])
+            if not page["pools"] or offset >= page.get("total_entries", 0):
+                return pools
+
+    def get_pool(self, name: str) -> dict | None:
+        """The pool, or None if there is no such pool."""
+        try:
+            return self.get(f"/api/v2/pools/{_q(name)}")
+        except AirflowApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    def create_pool(self, name: str, slots: int, description: str | None = None,
+                    include_deferred: bool = False) -> dict:
+        return self.request("POST", "/api/v2/pools", json={
+            "name": name, "slots": slots, "description": description, "include_deferred": include_deferred})
+
+    def update_pool(self, name: str, slots: int, description: str | None = None,
+                    include_deferred: bool = False) -> dict:
+        return self.request("PATCH", f"/api/v2/pools/{_q(name)}",
+                            json={"slots": slots, "description": description, "include_deferred": include_deferred})
+
+    def delete_pool(self, name: str) -> None:
+        self.request("DELETE", f"/api/v2/pools/{_q(name)}")

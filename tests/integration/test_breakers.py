@@ -310,3 +310,75 @@ def test_breakers_list_shows_global_and_playbooks_closed_by_default(ops_dsn):
     again = trip(ops_dsn, GLOBAL, actor="human:erin", reason="again")
     assert not again.changed and "already open" in again.message
     assert len(pages(ops_dsn)) == 1
+
+
+def test_breakers_cli_trip_list_reset_is_audited_with_the_human(ops_dsn, redis_url, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fleetmedic.console.cli import app
+
+    monkeypatch.setenv("FLEETMEDIC_USER", "frank")
+    runner = CliRunner()
+    [(incident_id, run_id)] = open_claimed(ops_dsn, 1)
+
+    tripped = runner.invoke(app, ["breakers", "trip", "resource_down", "--reason", "bad deploy", "--dsn", ops_dsn])
+    assert tripped.exit_code == 0 and "breaker playbook:resource_down tripped: bad deploy" in tripped.output
+    assert gate(ops_dsn, redis_url, incident_id, run_id, playbook()).held_by == BREAKER
+
+    listed = runner.invoke(app, ["breakers", "list", "--dsn", ops_dsn, "--redis-url", redis_url, "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["name"]: r for r in json.loads(listed.output)}
+    assert rows[BREAKER]["state"] == "open" and rows[BREAKER]["changed_by"] == "human:frank"
+    assert rows[BREAKER]["held"] == [incident_id] and rows[GLOBAL]["state"] == "closed"
+
+    reset_ = runner.invoke(app, ["breakers", "reset", "playbook:resource_down", "--reason", "rolled back",
+                                 "--dsn", ops_dsn, "--redis-url", redis_url])
+    assert reset_.exit_code == 0 and f"released 1 held incident(s): {incident_id}" in reset_.output
+    events = query(ops_dsn, "SELECT state, actor, reason FROM breaker_events ORDER BY id")
+    assert [(e["state"], e["actor"]) for e in events] == [("open", "human:frank"), ("closed", "human:frank")]
+    assert events[1]["reason"] == "reset: rolled back"
+    last = IncidentStore(ops_dsn).events(incident_id)[-1]
+    assert (last.to_state, last.actor) == ("open", "human:frank") and "rolled back" in last.reason
+
+    wrong = runner.invoke(app, ["breakers", "reset", "Not A Breaker", "--reason", "x", "--dsn", ops_dsn])
+    assert wrong.exit_code == 2 and "not a breaker name" in wrong.output
+    history = runner.invoke(app, ["breakers", "history", "resource_down", "--dsn", ops_dsn, "--json"])
+    assert [e["state"] for e in json.loads(history.output)] == ["closed", "open"]
+
+
+def test_incident_overrides_from_the_console_are_audited(ops_dsn, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fleetmedic.console.cli import app
+
+    monkeypatch.setenv("FLEETMEDIC_USER", "grace")
+    runner = CliRunner()
+    store = IncidentStore(ops_dsn)
+    rids = add_resources(ops_dsn, 2)
+    (first, _), (second, _) = store.open_or_refresh_many(
+        [(rid, "resource_down", "postgres.connect failed") for rid in rids], actor="detection:postgres.connect")
+
+    ack = runner.invoke(app, ["incidents", "ack", str(first), "--reason", "looking at it", "--dsn", ops_dsn])
+    assert ack.exit_code == 0, ack.output
+    note = store.events(first)[-1]
+    assert (note.actor, note.data.get("ack"), store.get(first).state) == ("human:grace", True, "open")
+
+    ignored = runner.invoke(app, ["incidents", "ignore", str(first), "--until", "2h", "--reason", "known flaky host",
+                                  "--dsn", ops_dsn, "--json"])
+    assert ignored.exit_code == 0, ignored.output
+    assert json.loads(ignored.output)["state"] == "ignored" and store.get(first).ignored_until is not None
+
+    resolved = runner.invoke(app, ["incidents", "resolve", str(second), "--reason", "fixed the disk",
+                                   "--dsn", ops_dsn])
+    assert resolved.exit_code == 0 and store.get(second).state == "resolved"
+    assert store.events(second)[-1].actor == "human:grace"
+
+    again = runner.invoke(app, ["incidents", "ignore", str(second), "--until", "2h", "--reason", "x", "--dsn", ops_dsn])
+    assert again.exit_code == 1 and "resolved: nothing to override" in again.output
+    past = runner.invoke(app, ["incidents", "ignore", str(second), "--until", "2001-01-01T00:00+00:00",
+                               "--reason", "x", "--dsn", ops_dsn])
+    assert past.exit_code == 2 and "in the past" in past.output

@@ -21,6 +21,10 @@ GROUPS = [
     ("chaos", "fleetmedic.console.fleet_cli:chaos_app"),
     ("incidents", "fleetmedic.console.incidents_cli"),
     ("pages", "fleetmedic.console.pages_cli"),
+    ("breakers", "fleetmedic.console.breakers_cli"),
+    ("shadow", "fleetmedic.console.breakers_cli:shadow_app"),
+    ("silences", "fleetmedic.console.silences_cli"),
+    ("pools", "fleetmedic.console.pools_cli"),
 ]
 
 for _name, _target in GROUPS:

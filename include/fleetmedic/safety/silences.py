@@ -76,13 +76,16 @@ class Silence:
 def _resource_id(conn: psycopg.Connection[Any], resource: str | int | None) -> int | None:
     if resource is None or resource == "*":
         return None
-    from fleetmedic.inventory import UnknownResource, get_resource
-
-    key: int | str = int(resource) if isinstance(resource, int) or str(resource).isdigit() else str(resource)
-    try:
-        return get_resource(conn, key).id
-    except UnknownResource as exc:
-        raise SilenceError(str(exc)) from None
+    by_id = isinstance(resource, int) or str(resource).isdigit()
+    with dict_cursor(conn) as cur:
+        cur.execute(f"SELECT id FROM resources WHERE {'id' if by_id else 'name'} = %s".encode(),
+                    (int(resource) if by_id else str(resource),))
+        row = cur.fetchone()
+        if row is not None:
+            return int(row["id"])
+        cur.execute("SELECT name FROM resources ORDER BY name LIMIT 20")
+        known = ", ".join(r["name"] for r in cur.fetchall()) or "none"
+    raise SilenceError(f"no resource {resource!r} in the inventory (known: {known}); see `fleetmedic fleet ls`")
 
 
 def add_silence(
@@ -102,7 +105,7 @@ def add_silence(
         raise SilenceError("a silence needs a reason (e.g. 'planned maintenance, ticket OPS-123')")
     if incident_type is not None and not _TYPE.match(incident_type):
         raise SilenceError(f"{incident_type!r} is not an incident type (lowercase, e.g. resource_down)")
-    if resource is None and incident_type is None:
+    if resource in (None, "*") and incident_type is None:
         raise SilenceError("silencing every type on every resource stops all automation: trip the global "
                            "breaker instead (`fleetmedic breakers trip global --reason ...`)")
     with connection(dsn) as conn, dict_cursor(conn) as cur:
