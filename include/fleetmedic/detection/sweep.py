@@ -96,12 +96,14 @@ def plan_shards(resource_count: int, shard_size: int) -> list[dict[str, int]]:
 
 
 async def load_targets(aconn: Any, shard: int, shard_count: int) -> list[Target]:
-    """The shard's enabled resources; each target's attrs carry its server under the key `server`."""
+    """The shard's enabled resources; each target's attrs carry its server under the key `server`,
+    and a follower's the primary the inventory names under `primary` ({name, host, port})."""
     async with aconn.cursor() as cur:
         await cur.execute(
             "SELECT r.id, r.name, r.kind, r.host, r.port, r.attrs, r.role, "
-            "       s.name, s.provider, s.address, s.attrs "
+            "       s.name, s.provider, s.address, s.attrs, p.name, p.host, p.port "
             "FROM resources r LEFT JOIN servers s ON s.id = r.server_id "
+            "LEFT JOIN resources p ON p.id = r.primary_id "
             "WHERE r.enabled AND r.id %% %s = %s ORDER BY r.id",
             (shard_count, shard),
         )
@@ -112,6 +114,8 @@ async def load_targets(aconn: Any, shard: int, shard_count: int) -> list[Target]
         attrs["role"] = r[6]
         if r[7] is not None:
             attrs["server"] = {"name": r[7], "provider": r[8], "address": r[9], "attrs": dict(r[10] or {})}
+        if r[11] is not None:
+            attrs["primary"] = {"name": r[11], "host": r[12], "port": r[13]}
         targets.append(Target(r[0], r[1], r[2], r[3], r[4], attrs))
     return targets
 
