@@ -241,3 +241,42 @@ def test_block_refuses_a_follower(services_dir):
             block(FaultContext("", replica, {}))
     finally:
         fleet.down(progress=lambda _m: None)
+
+
+def _disk(resource: Resource, **attrs):
+    target = Target(resource.id, resource.name, "postgres", resource.host, resource.port,
+                    {**resource.attrs, **attrs})
+    return asyncio.run(run_one(target, "postgres.disk_usage", 3))
+
+
+def test_disk_usage_against_a_quota(resource):
+    with psycopg.connect(_dsn(resource)) as conn:
+        row = conn.execute("SELECT sum(pg_database_size(datname)) FROM pg_database WHERE datallowconn").fetchone()
+    assert row is not None
+    size = int(row[0])
+    roomy = _disk(resource, disk_quota_bytes=size * 4)
+    assert roomy.healthy and roomy.value is not None and 20 < roomy.value < 30, roomy.reason
+    assert "quota" in roomy.reason and "under the 90% limit" in roomy.reason
+    full = _disk(resource, disk_quota_bytes=size)
+    assert not full.healthy and full.value is not None and full.value >= 90, full.reason
+    assert "at or above the 90% limit" in full.reason
+    bad = _disk(resource, disk_quota_bytes="lots")
+    assert not bad.healthy and "must be a number of bytes" in bad.reason
+
+
+def test_disk_usage_of_a_local_data_directory_filesystem(resource, pg_cluster):
+    import os
+
+    st = os.statvfs(pg_cluster.datadir)
+    used = 100.0 * (st.f_blocks - st.f_bfree) / st.f_blocks
+    result = _disk(resource, disk_usage_max_percent=100)
+    assert result.healthy and result.value is not None and abs(result.value - used) < 2, result.reason
+    assert f"filesystem of {pg_cluster.datadir}" in result.reason
+    tight = _disk(resource, disk_usage_max_percent=max(0.0, used - 1))
+    assert not tight.healthy and "at or above" in tight.reason
+
+
+def test_disk_usage_of_a_remote_resource_needs_a_quota(resource):
+    result = _disk(resource, server={"name": "db1", "provider": "aws", "address": "i-123", "attrs": {}})
+    assert result.healthy and result.value is None
+    assert "not measured" in result.reason and "disk_quota_bytes" in result.reason

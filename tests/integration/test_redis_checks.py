@@ -205,3 +205,24 @@ def test_restarted_replica_follows_its_primary_again(ops_dsn, inventory, pair):
 def test_break_replication_refuses_a_primary(ops_dsn, inventory):
     with pytest.raises(FaultError, match="r1a is a primary; break-redis-replication needs a replica"):
         inject("break-redis-replication", ops_dsn, "r1a")
+
+
+def test_sweep_targets_carry_the_inventorys_primary_so_a_down_primary_opens_nothing_here(ops_dsn, inventory, pair):
+    from fleetmedic.detection.sweep import load_targets
+
+    primary, replica = pair
+
+    async def targets():
+        async with await psycopg.AsyncConnection.connect(ops_dsn) as aconn:
+            return {t.name: t for t in await load_targets(aconn, 0, 1)}
+
+    loaded = asyncio.run(targets())
+    assert loaded["r1b"].attrs["primary"] == {"name": "r1a", "host": "127.0.0.1", "port": primary.port}
+    assert "primary" not in loaded["r1a"].attrs
+    inject("stop-redis", ops_dsn, "r1a")
+    try:
+        _wait(lambda: _info(replica).get("master_link_status") == "down", 10, "the replica to see the primary gone")
+        result = asyncio.run(run_one(loaded["r1b"], "redis.replication", 3))
+        assert result.healthy and "redis.ping on the primary reports that" in result.reason, result.reason
+    finally:
+        inject("start-redis", ops_dsn, "r1a")
