@@ -21,6 +21,7 @@ GROUPS = [
     ("chaos", "fleetmedic.console.fleet_cli:chaos_app"),
     ("incidents", "fleetmedic.console.incidents_cli"),
     ("pages", "fleetmedic.console.pages_cli"),
+    ("changeover", "fleetmedic.console.changeover_cli"),
     ("breakers", "fleetmedic.console.breakers_cli"),
     ("shadow", "fleetmedic.console.breakers_cli:shadow_app"),
     ("silences", "fleetmedic.console.silences_cli"),

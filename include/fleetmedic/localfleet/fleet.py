@@ -124,9 +124,23 @@ class DemoFleet:
         (self.home / "fleet.json").write_text(json.dumps(
             {"pairs": self.pairs, "redis_pairs": self.redis_pairs, "base_port": self.base_port,
              "followers": self.followers}, indent=2))
+        self._replication_and_backups(members, progress)
         if ops_dsn:
             self.register(ops_dsn)
         return members
+
+    def _replication_and_backups(self, members: list[FleetMember], progress) -> None:
+        """Keep WAL for followers that reconnect, and take a first base backup of each primary that has none."""
+        from fleetmedic.localfleet.backups import BackupStore, keep_wal_for_followers
+
+        store = BackupStore(self.home / "backups")
+        for m in members:
+            if m.kind != "postgres":
+                continue
+            keep_wal_for_followers(PostgresCluster(m.base_dir, m.port))
+            if m.role == "primary" and store.newest(m.name) is None:
+                backup = store.take(m.name, "127.0.0.1", m.port)
+                progress(f"  base backup of {m.name} -> {backup.path}")
 
     def _make_follower(self, primary: FleetMember, follower: FleetMember, progress) -> None:
         pcluster = PostgresCluster(primary.base_dir, primary.port)
@@ -169,6 +183,10 @@ class DemoFleet:
                     progress(f"  stopped postgres {m.name}")
             elif RedisServer(m.base_dir, m.port).stop():
                 progress(f"  stopped redis {m.name}")
+        # Instances automation placed on new servers (a changeover) are not members: stop them too.
+        for pidfile in sorted(self.servers_dir.glob("*/*/data/postmaster.pid")):
+            if PostgresCluster(pidfile.parent.parent, 0).stop(mode="fast"):
+                progress(f"  stopped postgres in {pidfile.parent}")
 
     @classmethod
     def from_home(cls, home: Path) -> DemoFleet:

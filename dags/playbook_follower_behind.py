@@ -1,0 +1,5 @@
+"""Playbook DAG for playbooks/follower_behind.yaml: the YAML holds the runbook and the steps."""
+
+from fleetmedic.airflow.dag_builders import playbook_dag_from_file
+
+dag = playbook_dag_from_file(__file__)
