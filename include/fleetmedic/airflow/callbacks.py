@@ -86,8 +86,13 @@ def _escalate_or_page(context: Any, *, what: str, task_id: str | None) -> None:
 
 def page_on_failure(context: Any) -> None:
     """Task failure callback: exceptions and execution/sensor timeouts wake a human."""
+    from fleetmedic.airflow.errors import RunRefused
+
     ti = context.get("ti")
     exc = context.get("exception")
+    if isinstance(exc, RunRefused):
+        log.warning("run refused, nobody paged: %s", exc)
+        return
     task_id = getattr(ti, "task_id", None)
     what = f"task {task_id} failed: {type(exc).__name__}: {exc}" if exc else f"task {task_id} failed"
     try:
@@ -97,12 +102,31 @@ def page_on_failure(context: Any) -> None:
         log.exception("fleetmedic could not record the page for %s", what)
 
 
+def _refused_or_dry(context: Any) -> bool:
+    """A dry run never pages; nor does a manual run that was refused before it claimed anything."""
+    from fleetmedic.incidents.store import IncidentStore
+
+    dag_run = context.get("dag_run")
+    conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
+    if conf.get("dry_run"):
+        return True
+    incident_id = _incident_id(context)
+    if incident_id is None or not conf.get("reason"):
+        return False
+    run_id = getattr(dag_run, "run_id", None)
+    events = IncidentStore(ops_dsn()).events(incident_id)
+    return not any((ev.data or {}).get("run_id") == run_id for ev in events)
+
+
 def page_on_dag_failure(context: Any) -> None:
     """DAG failure callback (e.g. dagrun_timeout): escalate and page like a task failure."""
     reason = context.get("reason") or "dag run failed"
     dag_run = context.get("dag_run")
     what = f"run {getattr(dag_run, 'run_id', '?')} failed: {reason}"
     try:
+        if _refused_or_dry(context):
+            log.warning("%s: a refused or dry run; nobody paged", what)
+            return
         _escalate_or_page(context, what=what, task_id=None)
     except Exception:
         log.exception("fleetmedic could not record the page for %s", what)

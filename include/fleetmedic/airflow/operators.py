@@ -17,6 +17,7 @@ from airflow.sdk import BaseOperator, BaseSensorOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
 from fleetmedic.airflow.connections import OPS_CONN_ID, ops_dsn
+from fleetmedic.airflow.errors import RunRefused
 from fleetmedic.airflow.triggers import WaitHealthyTrigger
 
 __all__ = [
@@ -88,6 +89,21 @@ class _IncidentTask:
             return get_resource(conn, int(incident.resource_id))
 
     @staticmethod
+    def _dry_run(context: Any) -> bool:
+        return bool(run_param(context, "dry_run", False))
+
+    def _record(self, store: Any, incident_id: int, context: Any, *, step: str, reason: str,
+                data: dict[str, Any]) -> None:
+        """Record a step's decision: a fenced step transition, or in a dry run a note that changes nothing."""
+        run_id = self._run_id(context)
+        if self._dry_run(context):
+            store.note(incident_id, actor=self._actor(context), reason=f"dry run: {reason}", step=step,
+                       data={**data, "run_id": run_id, "dry_run": True})
+        else:
+            store.set_step(incident_id, run_id=run_id, step=step, actor=self._actor(context), reason=reason,
+                           data={**data, "run_id": run_id})
+
+    @staticmethod
     def _expected_next(store: Any, incident_id: int, run_id: str) -> str | None:
         """The task this run's latest decision pointed to (the recorded state machine)."""
         latest = None
@@ -126,13 +142,16 @@ class ClaimIncidentOperator(BaseOperator, _IncidentTask):
         self.conn_id = conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from fleetmedic.incidents.lifecycle import IllegalTransition
+        from fleetmedic.incidents.lifecycle import IllegalTransition, IncidentNotFound
 
         store = self._store()
         incident_id = incident_id_from(context)
-        incident = store.get(incident_id)
+        try:
+            incident = store.get(incident_id)
+        except IncidentNotFound as exc:
+            raise RunRefused(f"incident {incident_id} does not exist; check `fleetmedic incidents list`") from exc
         if incident.type != self.playbook_type:
-            raise ValueError(
+            raise RunRefused(
                 f"incident {incident_id} is of type '{incident.type}', but this is the '{self.playbook_type}' playbook; "
                 f"run playbook_{incident.type} instead"
             )
@@ -142,16 +161,48 @@ class ClaimIncidentOperator(BaseOperator, _IncidentTask):
         if manual_reason:
             reason += f" (manual: {manual_reason}{', by ' + who if who else ''})"
         allowed = ("open", "held", "escalated") if manual_reason or run_param(context, "manual") else ("open",)
+        if incident.state not in allowed:
+            raise RunRefused(
+                f"refusing to run playbook_{self.playbook_type} for incident {incident_id}: it is "
+                f"{incident.state}, and a run may only take an incident that is {' or '.join(allowed)}"
+                + ("" if manual_reason else " (a manual run with a reason may also take held or escalated ones)")
+            )
+        if self._dry_run(context):
+            store.note(incident_id, actor=self._actor(context), step="claim",
+                       reason=f"dry run: would claim the incident ({reason}); nothing will be changed",
+                       data={"run_id": self._run_id(context), "dry_run": True})
+            return {"incident_id": incident_id, "version": incident.version, "dry_run": True}
         try:
-            claimed = store.claim(incident_id, run_id=self._run_id(context), actor=self._actor(context),
-                                  reason=reason, from_states=allowed)
+            if incident.state == "open":
+                claimed = store.claim(incident_id, run_id=self._run_id(context), actor=self._actor(context),
+                                      reason=reason, from_states=("open",))
+            else:
+                claimed = self._reopen_and_claim(store, incident, context, reason, manual_reason, who)
         except IllegalTransition as exc:
-            raise ValueError(
+            raise RunRefused(
                 f"refusing to run playbook_{self.playbook_type} for incident {incident_id}: it is "
                 f"{incident.state}, and a run may only claim an incident that is {' or '.join(allowed)} ({exc})"
             ) from exc
         self.log.info("incident %s claimed: %s", incident_id, reason)
         return {"incident_id": incident_id, "version": claimed.version, "resource_id": claimed.resource_id}
+
+
+    def _reopen_and_claim(self, store: Any, incident: Any, context: Any, reason: str, manual_reason: str,
+                          who: str) -> Any:
+        """A human's retry of a held or escalated incident: held/escalated -> open -> remediating, atomically.
+
+        Both transitions commit together, so the sweep never sees the incident open and starts a
+        second run for it.
+        """
+        import psycopg
+
+        actor = f"human:{who}" if who else self._actor(context)
+        with psycopg.connect(ops_dsn(self.conn_id)) as conn:
+            store.transition(incident.id, "open", actor=actor, expected_version=incident.version,
+                             reason=f"manual run {self._run_id(context)} requested: {manual_reason}", conn=conn)
+            claimed = store.claim(incident.id, run_id=self._run_id(context), actor=self._actor(context),
+                                  reason=reason, from_states=("open",), conn=conn)
+        return claimed
 
 
 class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
@@ -173,22 +224,21 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
 
         store = self._store()
         incident_id = incident_id_from(context)
-        run_id = self._run_id(context)
         start_at = run_param(context, "start_at") or ""
         if start_at:
             if start_at not in self.steps:
                 raise ValueError(f"start_at '{start_at}' is not a step of this playbook (steps: {', '.join(self.steps)})")
-            store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context),
-                           reason=f"operator asked to start at step '{start_at}'; skipping re-confirm",
-                           data={"run_id": run_id, "step_status": "done", "next": start_at})
+            self._record(store, incident_id, context, step="reconfirm",
+                         reason=f"operator asked to start at step '{start_at}'; skipping re-confirm",
+                         data={"step_status": "done", "next": f"step_{start_at}"})
             return f"step_{start_at}"
         incident = store.get(incident_id)
         resource = self._resource(incident)
         check = self.checks_by_kind.get(resource.kind)
         if not check:
             reason = f"no detect check for a {resource.kind} resource; starting at '{self.first_step}'"
-            store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context), reason=reason,
-                           data={"run_id": run_id, "step_status": "done", "next": f"step_{self.first_step}"})
+            self._record(store, incident_id, context, step="reconfirm", reason=reason,
+                         data={"step_status": "done", "next": f"step_{self.first_step}"})
             return f"step_{self.first_step}"
         target = resource_target(resource)
         result = asyncio.run(run_one(target, check, self.probe_timeout))
@@ -198,9 +248,8 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
         else:
             reason = f"still failing on re-confirm ({check}: {result.reason}); starting at '{self.first_step}'"
             nxt = f"step_{self.first_step}"
-        store.set_step(incident_id, run_id=run_id, step="reconfirm", actor=self._actor(context), reason=reason,
-                       data={"run_id": run_id, "step_status": "done", "healthy": result.healthy,
-                             "next": nxt})
+        self._record(store, incident_id, context, step="reconfirm", reason=reason,
+                     data={"step_status": "done", "healthy": result.healthy, "next": nxt})
         self.log.info(reason)
         return nxt
 
@@ -244,20 +293,36 @@ class ActionStepOperator(BaseBranchOperator, _IncidentTask):
         incident = store.get(incident_id)
         resource = self._resource(incident)
         spec = ACTIONS[self.action]
-        dry_run = bool(run_param(context, "dry_run", False))
-        # Take the fence before acting: this CAS fails if another run took the incident.
-        store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor,
-                       reason=f"{'would run' if dry_run else 'running'} {spec.name} on {resource.name}",
-                       data={"run_id": run_id, "step_status": "acting", "action": self.action,
-                             "dry_run": dry_run})
-        ctx = ActionContext(incident_id=incident_id, incident_type=incident.type, resource=resource,
-                            ops_dsn=ops_dsn(self.conn_id), dry_run=dry_run, params=self.step_params)
-        started = time.monotonic()
+        dry_run = self._dry_run(context)
         if dry_run:
-            from fleetmedic.actions.base import ActionResult
+            self._record(store, incident_id, context, step=self.step,
+                         reason=f"would run {spec.name} on {resource.name} ({spec.description}); "
+                                f"assuming it works, next {self.next_ok}",
+                         data={"step_status": "done", "action": self.action, "outcome": "ok",
+                               "next": self.next_ok})
+            return self.next_ok
+        from fleetmedic.airflow.connections import redis_url
+        from fleetmedic.safety.gate import action_permit
 
-            result = ActionResult(True, f"dry run: would have run {self.action} on {resource.name}")
-        else:
+        # The second belt (safety/gate.py): breakers checked again, the resource's Redis lease held
+        # while acting, the action counted; a refusal holds or escalates, Redis gone fails closed.
+        with action_permit(ops_dsn(self.conn_id), redis_url(), incident, run_id=run_id, step=self.step,
+                           action=self.action, actor=actor,
+                           ttl=(self.execution_timeout or timedelta(minutes=5)) + timedelta(minutes=1)) as permit:
+            if not permit.allowed:
+                store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor, reason=permit.reason,
+                               data={**permit.data, "run_id": run_id, "step_status": "done",
+                                     "outcome": permit.outcome, "held_by": permit.held_by, "next": permit.outcome})
+                self.log.info("step %s: %s -> %s", self.step, permit.reason, permit.outcome)
+                return permit.outcome
+            # Take the fence before acting: this CAS fails if another run took the incident.
+            store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor,
+                           reason=f"{'would run' if dry_run else 'running'} {spec.name} on {resource.name}",
+                           data={"run_id": run_id, "step_status": "acting", "action": self.action,
+                                 "dry_run": dry_run})
+            ctx = ActionContext(incident_id=incident_id, incident_type=incident.type, resource=resource,
+                                ops_dsn=ops_dsn(self.conn_id), dry_run=dry_run, params=self.step_params)
+            started = time.monotonic()
             result = spec.fn(ctx)
         nxt = self.next_ok if result.ok else self.next_error
         store.set_step(incident_id, run_id=run_id, step=self.step, actor=actor, reason=result.reason,
@@ -302,6 +367,13 @@ class WaitHealthySensor(BaseSensorOperator, BranchMixIn, _IncidentTask):
         self._skip_unless_my_turn(store, incident_id, context)
         incident = store.get(incident_id)
         resource = self._resource(incident)
+        if self._dry_run(context):
+            self._record(store, incident_id, context, step=self.step,
+                         reason=f"would wait up to {self.step_timeout} for {self.check} to pass on {resource.name}; "
+                                f"assuming it does, next {self.next_healthy}",
+                         data={"step_status": "done", "outcome": "healthy", "next": self.next_healthy})
+            self.do_branch(context, self.next_healthy)
+            return
         store.set_step(incident_id, run_id=run_id, step=self.step, actor=self._actor(context),
                        reason=f"waiting up to {self.step_timeout} for {self.check} to pass on {resource.name}",
                        data={"run_id": run_id, "step_status": "waiting"})
@@ -357,6 +429,11 @@ class TerminalOperator(BaseOperator, _IncidentTask):
         last = next((ev for ev in reversed(store.events(incident_id))
                      if (ev.data or {}).get("run_id") == run_id and ev.step), None)
         why = last.reason if last else "no step recorded a reason"
+        if self._dry_run(context):
+            store.note(incident_id, actor=actor, step=self.terminal, data={"run_id": run_id, "dry_run": True},
+                       reason=f"dry run: would {self.terminal.replace('_', ' ')} the incident ({why}); "
+                              "nothing was changed")
+            return {"incident_id": incident_id, "state": incident.state, "dry_run": True}
         if incident.state != "remediating" or incident.owner_run_id != run_id:
             self.log.warning("incident %s is %s (owner %s): this run no longer owns it; %s skipped",
                              incident_id, incident.state, incident.owner_run_id, self.terminal)

@@ -456,6 +456,38 @@ class IncidentStore:
             conn, lambda cur: self._open_or_refresh(cur, findings, actor=actor, state=state)
         )
 
+    def note(
+        self,
+        incident_id: int,
+        *,
+        actor: str,
+        reason: str,
+        step: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> IncidentEvent:
+        """Append an audit event that changes nothing (state, version and owner stay as they are).
+
+        Dry runs record what they would have done this way, and humans can annotate an incident.
+        """
+        if not reason or not reason.strip():
+            raise ValueError(f"incident {incident_id}: a note needs a reason")
+        if not actor or not actor.strip():
+            raise ValueError(f"incident {incident_id}: a note needs an actor")
+        with self._transaction(conn) as cur:
+            current = self._lock(cur, incident_id)
+            cur.execute(
+                """
+                INSERT INTO incident_events (incident_id, from_state, to_state, version, step, actor, reason, data)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING *
+                """,
+                (current.id, current.state.value, current.state.value, current.version, step, actor, reason,
+                 jsonb({**dict(data or {}), "note": True})),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return IncidentEvent.from_row(row)
+
     # -- internals -------------------------------------------------------------------------------
 
     @contextmanager

@@ -109,6 +109,15 @@ def _ensure_traversable(path: Path) -> None:
             os.chmod(parent, mode | 0o001)
 
 
+def service_env() -> dict[str, str]:
+    """The environment for database servers we start: without Airflow's variables.
+
+    A playbook task may restart a database; the server must not look like part of that task (nor of
+    the local Airflow), or stopping Airflow would take the database down with it.
+    """
+    return {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+
+
 def _as_user(cmd: Sequence[str], user: str | None) -> list[str]:
     if user is None:
         return list(cmd)
@@ -180,8 +189,11 @@ class PostgresCluster:
         return str(find_pg_bindir() / tool)
 
     def _run(self, cmd: Sequence[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        # Own session, neutral cwd and env: a server started from an Airflow task outlives the task
+        # and is not mistaken for one of Airflow's processes.
         return subprocess.run(
-            _as_user(cmd, pg_os_user()), capture_output=True, text=True, timeout=timeout, check=False
+            _as_user(cmd, pg_os_user()), capture_output=True, text=True, timeout=timeout, check=False,
+            start_new_session=True, cwd="/", env=service_env(),
         )
 
     def initialized(self) -> bool:
@@ -391,7 +403,8 @@ class RedisServer:
             "--pidfile", str(self.pidfile), "--logfile", str(self.logfile), "--dir", str(self.base_dir),
             "--save", "", "--appendonly", "no", "--protected-mode", "no", *self.extra_args,
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False, start_new_session=True, cwd="/",
+                             env=service_env())
         if res.returncode != 0:
             raise ServiceError(f"redis-server failed to start on port {self.port}: {res.stderr.strip() or res.stdout.strip()}")
         if not _wait(self.ready, timeout):
