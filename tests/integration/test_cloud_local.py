@@ -243,3 +243,24 @@ def test_failover_primaries_refuses_a_primary_with_no_follower_on_another_server
 
     assert not result.ok
     assert "lonely: no follower on another server to promote" in result.reason
+
+
+# Changes the module fleet's topology (pg1b becomes the primary): keep it the last test of this module.
+def test_failover_primaries_of_a_dead_server_promotes_the_follower_on_another_server(registered, ops_dsn):
+    inject("stop-server", ops_dsn, "srv-pg1a")
+    with psycopg.connect(ops_dsn) as conn:
+        server_row = get_resource(conn, "srv-pg1a")
+
+    result = ACTIONS["instance.failover_primaries"].fn(ActionContext(1, "server_down", server_row, ops_dsn))
+
+    assert result.ok, result.reason
+    assert result.reason.startswith("failed over every primary on srv-pg1a: pg1a: promoted pg1b (127.0.0.1:")
+    assert result.data["failed_over"][0].startswith("pg1a: promoted pg1b")
+    with psycopg.connect(ops_dsn) as conn:
+        new, old = get_resource(conn, "pg1b"), get_resource(conn, "pg1a")
+    assert (new.role, new.primary_id) == ("primary", None)
+    assert (old.role, old.primary_id, old.enabled) == ("follower", new.id, False)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{new.port}/postgres", connect_timeout=5,
+                         autocommit=True) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        conn.execute("CREATE TABLE written_after_failover (id int)")
