@@ -18,6 +18,7 @@ from fleetmedic.reports.trends import TABLES, TrendReport, frame_records
 __all__ = [
     "DEFAULT_ROW_LIMIT",
     "format_cell",
+    "header",
     "render_html",
     "reports_dir",
     "table_rows",
@@ -70,14 +71,32 @@ def format_cell(column: str, value: Any) -> str:
     return str(value)
 
 
+HEADERS = {
+    "incident_id": "incident", "opened_at": "opened", "resolved_at": "resolved",
+    "auto_resolved": "auto-resolved", "human_resolved": "by a human", "still_active": "still active",
+    "auto_resolved_pct": "auto-resolved %", "escalated_pct": "escalated %", "held_pct": "held %",
+    "mttr_p50_s": "MTTR p50", "mttr_p95_s": "MTTR p95", "incidents_paged": "incidents paged",
+    "first_paged_at": "first paged", "last_paged_at": "last paged", "first_trip_at": "first trip",
+    "last_trip_at": "last trip", "last_reason": "last reason", "shadow_incidents": "shadow incidents",
+    "would_have_resolved": "would have resolved", "would_have_resolved_pct": "would have resolved %",
+}
+# The talk's tables say "count".
+_TABLE_HEADERS = {("total", "incidents"): "count", ("stale", "incidents"): "count"}
+
+
+def header(table: str, column: str) -> str:
+    """A column's heading in tables people read (JSON and the ops DB keep the column names)."""
+    return _TABLE_HEADERS.get((table, column)) or HEADERS.get(column, column)
+
+
 def table_rows(report: TrendReport, name: str, limit: int | None = DEFAULT_ROW_LIMIT) -> tuple[list[str], list[list[str]], int]:
-    """(headers, formatted rows, rows left out) of one table."""
+    """(headings, formatted rows, rows left out) of one table."""
     spec = TABLES[name]
     df = report.tables.get(name)
     records = frame_records(df) if df is not None else []
     shown = records if limit is None else records[:limit]
     rows = [[format_cell(c, r.get(c)) for c in spec.columns] for r in shown]
-    return list(spec.columns), rows, len(records) - len(shown)
+    return [header(name, c) for c in spec.columns], rows, len(records) - len(shown)
 
 
 _TEMPLATE = """<!doctype html>
@@ -128,10 +147,11 @@ def table_context(report: TrendReport, limit: int | None = DEFAULT_ROW_LIMIT) ->
     out = []
     for name in PAGE_ORDER:
         headers, rows, more = table_rows(report, name, limit)
+        columns = list(TABLES[name].columns)
         out.append({
             "name": name, "title": report.title(name), "description": TABLES[name].description,
             "db_table": TABLES[name].db_table, "headers": headers, "rows": rows, "more": more,
-            "numeric": _numeric(report.tables.get(name), headers),
+            "numeric": _numeric(report.tables.get(name), columns),
         })
     return out
 

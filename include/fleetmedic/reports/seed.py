@@ -82,12 +82,12 @@ _script("ignored", _OPEN, _CLAIM,
          "step timed out", "{}"),
         ("escalated", "ignored", None, "human:carol", 20, 1, 1, "known issue, vendor ticket open", "{}"))
 _script("shadow", _OPEN, _CLAIM,
-        ("remediating", "remediating", "terminate", "automation:playbook_T/step_terminate", 15, 0, 0,
-         "shadow mode: would run postgres.terminate_blockers",
-         "jsonb_build_object('shadow', true, 'would_have_resolved', p.would_resolve)"),
-        ("remediating", "escalated", "terminate", "automation:playbook_T/escalate", 20, 0, 0,
+        ("remediating", "remediating", "gate", "automation:playbook_T/gate", 15, 0, 0,
+         "shadow mode: would act (terminate (postgres.terminate_blockers) -> resolve)",
+         "jsonb_build_object('shadow', true, 'would', 'act', 'would_resolve', p.would_resolve)"),
+        ("remediating", "escalated", "gate", "automation:playbook_T/escalate", 20, 0, 0,
          "shadow mode: escalating as if no automation existed", "jsonb_build_object('shadow', true)"),
-        ("escalated", "resolved", "terminate", "human:dave", 20, 0, 1, "terminated the blocker by hand", "{}"))
+        ("escalated", "resolved", "gate", "human:dave", 20, 0, 1, "terminated the blocker by hand", "{}"))
 _script("active_open", _OPEN)
 
 # Outcomes that page, and the seq of their escalation event.

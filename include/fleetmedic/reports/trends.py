@@ -156,11 +156,15 @@ def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 # -- SQL ------------------------------------------------------------------------------------------
 
-# Tolerant of how shadow-mode steps record themselves: a `shadow: true` flag or `mode: shadow` in the
-# event's data marks a shadow incident; `would_have_resolved: true` (or `would_resolve`) on any of its
-# events counts it as one the playbook would have fixed.
+# Shadow mode (fleetmedic.safety.shadow): a shadow playbook's gate records `shadow: true`, what it
+# would do (`would: act` or what stopped it) and `would_resolve` (its happy path ends in resolve).
+# Tolerant of other recorders: `mode: shadow` also marks a shadow incident, and `would_have_resolved:
+# true` on any of its events counts it as one the playbook would have fixed.
 SHADOW_EVENT = "(e.data @> '{\"shadow\": true}' OR e.data->>'mode' = 'shadow')"
-WOULD_RESOLVE_EVENT = "(e.data @> '{\"would_have_resolved\": true}' OR e.data @> '{\"would_resolve\": true}')"
+WOULD_RESOLVE_EVENT = (
+    "(e.data @> '{\"would_have_resolved\": true}' OR "
+    "(e.data @> '{\"would_resolve\": true}' AND coalesce(e.data->>'would', 'act') = 'act'))"
+)
 
 OUTCOMES_TABLE = """
 CREATE TEMP TABLE report_outcomes (
