@@ -26,6 +26,9 @@ GROUPS = [
     ("shadow", "fleetmedic.console.breakers_cli:shadow_app"),
     ("silences", "fleetmedic.console.silences_cli"),
     ("pools", "fleetmedic.console.pools_cli"),
+    ("status", "fleetmedic.console.status_cli"),
+    ("report", "fleetmedic.console.report_cli"),
+    ("console", "fleetmedic.console.repl"),
 ]
 
 for _name, _target in GROUPS:
