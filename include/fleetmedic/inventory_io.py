@@ -292,7 +292,7 @@ def _attrs(row: _Row, problems: list[Problem]) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             problems.append(Problem(row.at("attrs"), "attrs", f"is not a JSON object: {exc.msg} "
                                                               '(write e.g. {"region": "eu-west-1"})'))
             return {}
@@ -418,7 +418,8 @@ def validate_plan(conn: psycopg.Connection, plan: InventoryPlan) -> list[Problem
     problems: list[Problem] = []
     existing, existing_servers = _existing(conn)
     defined: dict[str, str] = {}
-    for entry in [*plan.servers, *plan.resources]:
+    entries: list[ServerEntry | ResourceEntry] = [*plan.servers, *plan.resources]
+    for entry in entries:
         if entry.name in defined:
             problems.append(Problem(entry.where, "name", f"{entry.name!r} is already defined on {defined[entry.name]} "
                                                          "(servers and resources share one namespace)"))

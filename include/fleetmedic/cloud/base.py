@@ -95,9 +95,9 @@ def panic_since_boot(console: str) -> str | None:
     last_boot = -1
     for m in BOOT_MARKERS.finditer(console):
         last_boot = m.start()
-    m = PANIC_MARKERS.search(console, last_boot + 1)
-    if m is None:
+    panic = PANIC_MARKERS.search(console, last_boot + 1)
+    if panic is None:
         return None
-    line_start = console.rfind("\n", 0, m.start()) + 1
-    line_end = console.find("\n", m.start())
+    line_start = console.rfind("\n", 0, panic.start()) + 1
+    line_end = console.find("\n", panic.start())
     return console[line_start: line_end if line_end >= 0 else len(console)].strip()
