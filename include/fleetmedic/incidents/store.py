@@ -699,23 +699,29 @@ class IncidentStore:
         result: dict[tuple[int, str], tuple[int, bool]] = {}
         remaining = sorted(first)
 
+        # Large batches go to a temporary table by COPY once; every statement below joins with it
+        # (passing 100k-element arrays to each statement costs more than the statements themselves).
+        source, params = _load_findings(cur, [first[k] for k in remaining])
+
         # 1. An active incident: refresh it (rows locked in id order, so concurrent sweeps cannot deadlock).
         if remaining:
-            for r in self._refresh(cur, _ACTIVE_REFRESH, [first[k] for k in remaining]):
+            for r in self._refresh(cur, _ACTIVE_REFRESH, source, params):
                 result[(r["resource_id"], r["type"])] = (r["id"], False)
             remaining = [k for k in remaining if k not in result]
+            source, params = _drop_done(cur, source, params, first, remaining, result)
 
         # 2. An ignored incident still inside its ignore window: refresh that instead of opening.
         if remaining:
-            for r in self._refresh(cur, _IGNORED_REFRESH, [first[k] for k in remaining]):
+            for r in self._refresh(cur, _IGNORED_REFRESH, source, params):
                 result[(r["resource_id"], r["type"])] = (r["id"], False)
             remaining = [k for k in remaining if k not in result]
+            source, params = _drop_done(cur, source, params, first, remaining, result)
 
-        # 3. Open. A concurrent opener of the same (resource, type) makes ours a refresh (created false).
+        # 3. Open, linked to the latest resolved incident of the same (resource, type). A concurrent
+        # opener of the same (resource, type) makes ours a refresh (created false).
         created: builtins.list[int] = []
         if remaining:
-            batch = [first[k] for k in remaining]
-            cur.execute(_INSERT, {**_columns(batch), "state": initial.value})
+            cur.execute(_INSERT.format(findings=source, active=_ACTIVE_LIST), {**params, "state": initial.value})
             for r in cur.fetchall():
                 result[(r["resource_id"], r["type"])] = (r["id"], r["created"])
                 if r["created"]:
@@ -729,13 +735,17 @@ class IncidentStore:
                 cur.execute("DELETE FROM incidents WHERE id = ANY(%s)", ([r["id"] for r in raced],))
                 raced_keys = [(r["resource_id"], r["type"]) for r in raced]
                 created = [i for i in created if i not in {r["id"] for r in raced}]
-                for r in self._refresh(cur, _IGNORED_REFRESH, [first[k] for k in raced_keys]):
+                for r in self._refresh(cur, _IGNORED_REFRESH, _FINDINGS,
+                                       _columns([first[k] for k in raced_keys])):
                     result[(r["resource_id"], r["type"])] = (r["id"], False)
 
+        if source is _TEMP_FINDINGS:
+            cur.execute("SET LOCAL enable_nestloop = on")
         if created:
-            # 5. Link to the latest resolved incident of the same (resource, type), and record 'opened'.
-            # Run after the insert so a resolve that committed meanwhile is seen.
-            cur.execute(_LINK_AND_RECORD_OPENED, {"ids": created, "actor": actor})
+            # 5. A resolve that committed while we inserted was invisible to step 3's link: link those
+            # now (usually none), then record 'opened'.
+            cur.execute(_RELINK, {"ids": created})
+            cur.execute(_RECORD_OPENED, {"ids": created, "actor": actor})
 
         out: builtins.list[tuple[int, bool]] = []
         reported: set[int] = set()
@@ -747,10 +757,55 @@ class IncidentStore:
 
     @staticmethod
     def _refresh(
-        cur: psycopg.Cursor[DictRow], query: sql.Composed, batch: builtins.list[Finding]
+        cur: psycopg.Cursor[DictRow], query: sql.SQL, source: sql.Composable, params: dict[str, Any]
     ) -> builtins.list[DictRow]:
-        cur.execute(query, _columns(batch))
+        cur.execute(query.format(findings=source, active=_ACTIVE_LIST), params)
         return cur.fetchall()
+
+
+_BULK_THRESHOLD = 500
+_TEMP_FINDINGS = sql.SQL("fm_findings AS f")
+
+
+def _load_findings(cur: psycopg.Cursor[DictRow], batch: Sequence[Finding]) -> tuple[sql.Composable, dict[str, Any]]:
+    """Where the statements read the findings from: inline arrays for a few, a COPYed temp table for many."""
+    if len(batch) < _BULK_THRESHOLD:
+        return _FINDINGS, _columns(batch)
+    cur.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS fm_findings "
+        "(resource_id bigint, type text, reason text, severity text, data jsonb) ON COMMIT DROP"
+    )
+    cur.execute("TRUNCATE fm_findings")
+    with cur.copy("COPY fm_findings (resource_id, type, reason, severity, data) FROM STDIN") as copy:
+        for f in batch:
+            copy.write_row((f.resource_id, f.type, f.reason, f.severity, jsonb(dict(f.data or {}))))
+    cur.execute("ANALYZE fm_findings")
+    # Right after a large insert the planner's idea of `incidents` is stale (autovacuum has not
+    # analyzed it yet) and a nested loop over 100k findings can take minutes; hash joins are
+    # right for every bulk statement here whatever the statistics say.
+    cur.execute("SET LOCAL enable_nestloop = off")
+    return _TEMP_FINDINGS, {}
+
+
+def _drop_done(
+    cur: psycopg.Cursor[DictRow],
+    source: sql.Composable,
+    params: dict[str, Any],
+    first: dict[tuple[int, str], Finding],
+    remaining: Sequence[tuple[int, str]],
+    result: dict[tuple[int, str], tuple[int, bool]],
+) -> tuple[sql.Composable, dict[str, Any]]:
+    """Leave only the findings still to handle in the statements' source."""
+    if source is _TEMP_FINDINGS:
+        done = [incident_id for incident_id, _ in result.values()]
+        if done:
+            cur.execute(
+                "DELETE FROM fm_findings f USING incidents i "
+                "WHERE i.id = ANY(%s) AND i.resource_id = f.resource_id AND i.type = f.type",
+                (done,),
+            )
+        return source, params
+    return _FINDINGS, _columns([first[k] for k in remaining])
 
 
 def _columns(batch: Sequence[Finding]) -> dict[str, Any]:
@@ -799,7 +854,7 @@ _ACTIVE_REFRESH = sql.SQL(
     FROM target WHERE i.id = target.id
     RETURNING i.id, i.resource_id, i.type
     """
-).format(findings=_FINDINGS, active=_ACTIVE_LIST)
+)
 
 _IGNORED_REFRESH = sql.SQL(
     """
@@ -815,19 +870,21 @@ _IGNORED_REFRESH = sql.SQL(
     FROM latest WHERE i.id = latest.id AND i.id IN (SELECT id FROM locked)
     RETURNING i.id, i.resource_id, i.type
     """
-).format(findings=_FINDINGS)
+)
 
 _INSERT = sql.SQL(
     """
-    INSERT INTO incidents AS i (resource_id, type, state, severity, reason, data)
-    SELECT f.resource_id, f.type, %(state)s, f.severity, f.reason, f.data
+    INSERT INTO incidents AS i (resource_id, type, state, severity, reason, data, previous_incident_id)
+    SELECT f.resource_id, f.type, %(state)s, f.severity, f.reason, f.data,
+           (SELECT max(o.id) FROM incidents o
+            WHERE o.resource_id = f.resource_id AND o.type = f.type AND o.state = 'resolved')
     FROM {findings}
     ORDER BY f.resource_id, f.type
     ON CONFLICT (resource_id, type) WHERE state IN ({active})
     DO UPDATE SET last_seen_at = now(), detections = i.detections + 1, data = i.data || EXCLUDED.data
     RETURNING i.id, i.resource_id, i.type, (i.xmax = 0) AS created
     """
-).format(findings=_FINDINGS, active=_ACTIVE_LIST)
+)
 
 _IGNORED_RACE = """
 SELECT n.id, n.resource_id, n.type FROM incidents n
@@ -837,14 +894,17 @@ WHERE n.id = ANY(%s) AND EXISTS (
       AND o.state = 'ignored' AND o.ignored_until > now())
 """
 
-_LINK_AND_RECORD_OPENED = """
-WITH linked AS (
-    UPDATE incidents n SET previous_incident_id = (
-        SELECT max(o.id) FROM incidents o
-        WHERE o.resource_id = n.resource_id AND o.type = n.type AND o.state = 'resolved' AND o.id < n.id)
-    WHERE n.id = ANY(%(ids)s)
-    RETURNING n.*
-)
+_RELINK = """
+UPDATE incidents n SET previous_incident_id = (
+    SELECT max(o.id) FROM incidents o
+    WHERE o.resource_id = n.resource_id AND o.type = n.type AND o.state = 'resolved' AND o.id < n.id)
+WHERE n.id = ANY(%(ids)s) AND EXISTS (
+    SELECT 1 FROM incidents o
+    WHERE o.resource_id = n.resource_id AND o.type = n.type AND o.state = 'resolved' AND o.id < n.id
+      AND o.id IS DISTINCT FROM n.previous_incident_id AND o.id > coalesce(n.previous_incident_id, 0))
+"""
+
+_RECORD_OPENED = """
 INSERT INTO incident_events (incident_id, from_state, to_state, version, step, actor, reason, data)
-SELECT id, NULL, state, version, step, %(actor)s, reason, data FROM linked ORDER BY id
+SELECT id, NULL, state, version, step, %(actor)s, reason, data FROM incidents WHERE id = ANY(%(ids)s) ORDER BY id
 """
