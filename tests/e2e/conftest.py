@@ -47,6 +47,7 @@ def stack() -> Iterator[Any]:
     config = StackConfig(
         home=str(home), ops_port=free_port(), redis_port=free_port(), airflow_port=free_port(),
         fleet_base_port=_free_port_block(110), pairs=5, redis_pairs=1,
+        extra_dag_folders=[str(Path(__file__).resolve().parents[1] / "fixtures" / "e2e_dags")],
     )
     local = LocalStack(config)
     try:

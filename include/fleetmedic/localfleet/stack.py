@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fleetmedic.config import REPO_ROOT
@@ -43,6 +43,8 @@ class StackConfig:
     pairs: int = 2
     redis_pairs: int = 1
     airflow: bool = True
+    # More DAG folders for Airflow beside dags/ (each becomes a local DAG bundle); tests use it.
+    extra_dag_folders: list[str] = field(default_factory=list)
 
     @classmethod
     def from_env(cls, home: Path) -> StackConfig:
@@ -86,8 +88,18 @@ class LocalStack:
                 dags_folder=REPO_ROOT / "dags",
                 plugins_folder=REPO_ROOT / "plugins",
                 extra_env=self.airflow_connections(),
+                config=self._bundle_config(),
             )
         return self._airflow
+
+    def _bundle_config(self) -> dict[str, str]:
+        if not self.config.extra_dag_folders:
+            return {}
+        local = "airflow.dag_processing.bundles.local.LocalDagBundle"
+        bundles = [{"name": "dags-folder", "classpath": local, "kwargs": {}}]
+        bundles += [{"name": f"extra-{i}", "classpath": local, "kwargs": {"path": str(Path(p).absolute())}}
+                    for i, p in enumerate(self.config.extra_dag_folders, 1)]
+        return {"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles)}
 
     def airflow_connections(self) -> dict[str, str]:
         return {
@@ -140,6 +152,12 @@ class LocalStack:
             af.start()
             af.wait_ready(timeout=240)
             with af.client() as client:
+                from fleetmedic.playbooks.loader import load_all
+                from fleetmedic.safety.pools import sync_pools
+
+                # One pool per playbook, sized from limits.concurrency, before any playbook task is queued.
+                pools = sync_pools(client, load_all().playbooks.values(), prune=False)
+                progress(f"airflow: pools {', '.join(f'{c.pool}={c.slots}' for c in pools)}")
                 dag_ids = fleetmedic_dag_ids()
                 client.wait_for_dags(dag_ids, timeout=240)
                 for dag_id in dag_ids:
