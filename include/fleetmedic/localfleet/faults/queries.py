@@ -86,7 +86,7 @@ def chaos_dir(res: Any) -> Path:
     return path
 
 
-def _prepare(res: Any, user: str) -> None:
+def _prepare(res: Any) -> None:
     """Create the chaos role (a plain, non-superuser login) and the table it locks; a primary only."""
     try:
         with psycopg.connect(_admin_dsn(res), autocommit=True) as conn:
@@ -94,11 +94,11 @@ def _prepare(res: Any, user: str) -> None:
             if row and row[0]:
                 raise FaultError(f"block needs a writable primary: {res.name} is a follower in recovery; "
                                  "pick its primary")
-            if user == CHAOS_ROLE:
-                conn.execute(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_user') THEN "
-                    "CREATE ROLE app_user LOGIN NOSUPERUSER NOREPLICATION; END IF; END $$"
-                )
+            # The queued clients always connect as the chaos role, whoever holds the lock.
+            conn.execute(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'app_user') THEN "
+                "CREATE ROLE app_user LOGIN NOSUPERUSER NOREPLICATION; END IF; END $$"
+            )
             conn.execute(f"CREATE TABLE IF NOT EXISTS {BLOCK_TABLE} (id int PRIMARY KEY, n bigint NOT NULL)")
             conn.execute(f"INSERT INTO {BLOCK_TABLE} VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
             conn.execute(f"GRANT SELECT, UPDATE ON {BLOCK_TABLE} TO {CHAOS_ROLE}")
@@ -154,7 +154,7 @@ def block(ctx: FaultContext) -> FaultResult:
     if _sessions_alive(res):
         raise FaultError(f"{res.name} already has a block fault running; undo it first: "
                          f"fleetmedic chaos unblock {res.name}")
-    _prepare(res, user)
+    _prepare(res)
     directory = chaos_dir(res)
     env = {**os.environ, "PGAPPNAME": BLOCKER_APP}
     blocker_pid = _spawn(directory, "blocker",
@@ -196,15 +196,17 @@ def _pidfiles(res: Any) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
+    """True while `pid` is one of this fault's clients (not a zombie, nor a stranger that reused the pid)."""
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):
         return False
-    return state != "Z"
+    return state != "Z" and BLOCK_TABLE.encode() in cmdline
 
 
 def _sessions_alive(res: Any) -> list[int]:
