@@ -371,7 +371,8 @@ class AirflowClient:
     def update_pool(self, name: str, slots: int, description: str | None = None,
                     include_deferred: bool = False) -> dict:
         return self.request("PATCH", f"/api/v2/pools/{_q(name)}",
-                            json={"slots": slots, "description": description, "include_deferred": include_deferred})
+                            json={"pool": name, "slots": slots, "description": description,
+                                  "include_deferred": include_deferred})
 
     def delete_pool(self, name: str) -> None:
         self.request("DELETE", f"/api/v2/pools/{_q(name)}")

@@ -67,9 +67,10 @@ def test_every_task_has_execution_timeout_and_failure_callback(dagbag):
 
 def test_playbook_graph_is_the_state_machine(dagbag):
     dag = dagbag.dags["playbook_resource_down"]
-    assert dag.get_task("claim").downstream_task_ids == {"reconfirm"}
-    assert dag.get_task("reconfirm").downstream_task_ids == {"resolve", "step_restart", "step_verify"}
-    assert dag.get_task("step_restart").downstream_task_ids == {"step_verify", "escalate"}
-    assert dag.get_task("step_verify").downstream_task_ids == {"resolve", "escalate"}
+    assert dag.get_task("claim").downstream_task_ids == {"gate"}
+    assert dag.get_task("gate").downstream_task_ids == {"reconfirm", "hold", "escalate"}
+    assert dag.get_task("reconfirm").downstream_task_ids == {"resolve", "step_restart", "step_verify", "step_failover"}
+    assert dag.get_task("step_restart").downstream_task_ids == {"step_verify", "step_failover", "escalate", "hold"}
+    assert dag.get_task("step_verify").downstream_task_ids == {"resolve", "step_failover"}
     assert "What it means" in dag.doc_md
     assert set(dag.params.keys()) >= {"incident_id", "dry_run", "start_at", "reason"}

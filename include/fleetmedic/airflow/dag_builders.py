@@ -11,6 +11,7 @@ from airflow.sdk import DAG, Param, task
 from airflow.sdk.definitions.edges import Label
 
 from fleetmedic.airflow.callbacks import page_on_dag_failure, page_on_failure
+from fleetmedic.airflow.gate import GateOperator, HoldOperator
 from fleetmedic.airflow.operators import (
     ActionStepOperator,
     ClaimIncidentOperator,
@@ -146,6 +147,10 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
     ) as dag:
         claim = ClaimIncidentOperator(task_id="claim", playbook_type=pb.type,
                                       execution_timeout=timedelta(minutes=1))
+        # Breakers, cooldown, silences, shadow mode, Redis fail-closed (safety/gate.py).
+        gate = GateOperator(task_id="gate", playbook=pb, execution_timeout=timedelta(minutes=1))
+        hold = HoldOperator(task_id="hold", trigger_rule="none_failed_min_one_success",
+                            execution_timeout=timedelta(minutes=1))
         reconfirm = ReconfirmOperator(
             task_id="reconfirm",
             checks_by_kind={CHECKS[d.check][0]: d.check for d in pb.detects},
@@ -183,7 +188,10 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
                     doc_md=f"Wait until `{s.wait_healthy}` passes (up to {s.timeout}); "
                            f"healthy → {s.next['healthy']}, timeout → {s.next['timeout']}",
                 )
-        claim >> reconfirm
+        claim >> gate
+        gate >> Label("proceed") >> reconfirm
+        gate >> Label("hold") >> hold
+        gate >> Label("escalate") >> terminals["escalate"]
         reconfirm >> Label("healthy now") >> terminals["resolve"]
         reconfirm >> Label("still failing") >> step_tasks[pb.steps[0].name]
         for name in step_names:
@@ -193,6 +201,9 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
             for outcome, target in s.next.items():
                 dest = terminals[target] if target in TERMINALS else step_tasks[target]
                 step_tasks[s.name] >> Label(outcome) >> dest
+            if s.action:
+                # The action permit refused (a breaker opened, Redis gone): the incident is held.
+                step_tasks[s.name] >> Label("held") >> hold
             if s.action and "escalate" not in s.next.values():
                 # An action interrupted mid-flight is never retried blindly: it escalates.
                 step_tasks[s.name] >> Label("interrupted") >> terminals["escalate"]

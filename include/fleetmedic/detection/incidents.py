@@ -26,10 +26,14 @@ class SweepSummary:
                 f"refreshed={self.refreshed} held={self.held} silenced={self.silenced} seconds={self.seconds:.1f}")
 
 
-def playbook_run_for(incident_id: int, dag_id: str) -> dict[str, Any]:
-    """TriggerDagRunOperator kwargs: the run id is deterministic, so a repeated trigger is a no-op."""
-    return {"trigger_dag_id": dag_id, "trigger_run_id": f"incident-{incident_id}",
-            "conf": {"incident_id": incident_id}}
+def playbook_run_for(incident_id: int, dag_id: str, version: int = 1) -> dict[str, Any]:
+    """TriggerDagRunOperator kwargs: the run id is deterministic, so a repeated trigger is a no-op.
+
+    An incident released back to open (a breaker reset, a silence lifted) is at a later version and
+    gets a new run, `incident-<id>-v<version>`; while it stays open the version, and so the id, holds.
+    """
+    run_id = f"incident-{incident_id}" if version <= 1 else f"incident-{incident_id}-v{version}"
+    return {"trigger_dag_id": dag_id, "trigger_run_id": run_id, "conf": {"incident_id": incident_id}}
 
 
 def _active_silences(conn: psycopg.Connection) -> list[tuple[int | None, str | None]]:
@@ -59,6 +63,11 @@ def open_incidents_for_findings(
         summary.seconds = max(summary.seconds, float(ev.get("seconds", 0)))
         for f in ev.get("findings", []):
             findings[(int(f["resource_id"]), str(f["type"]))] = f
+    # The mass-failure guard (safety/guard.py): too much of the fleet failing at once trips the global
+    # breaker, and new incidents open held until a human resets it (one page, no remediation).
+    from fleetmedic.safety.guard import guard_sweep
+
+    guard = guard_sweep(ops_dsn, findings.values())
     with psycopg.connect(ops_dsn) as conn:
         silences = _active_silences(conn)
     kept = []
@@ -77,15 +86,16 @@ def open_incidents_for_findings(
     if kept:
         results = store.open_or_refresh_many(
             [(int(f["resource_id"]), f["type"], f["reason"], f.get("severity", "critical")) for f in kept],
-            actor="detection:fleet_sweep",
+            actor="detection:fleet_sweep", state=guard.initial_state,
         )
         for _incident_id, created in results:
             if created:
                 summary.opened += 1
+                summary.held += int(guard.hold_new)
             else:
                 summary.refreshed += 1
     runs = [
-        playbook_run_for(inc.id, playbook_dags[inc.type])
+        playbook_run_for(inc.id, playbook_dags[inc.type], inc.version)
         for inc in store.list(state="open", limit=10000)
         if inc.type in playbook_dags
     ]

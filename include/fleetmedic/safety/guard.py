@@ -4,7 +4,8 @@ When more than `guard_share` of the enabled fleet (default 20%) and at least `gu
 resources (default 5) are unhealthy at once, or a canary resource (`attrs.canary: true`) fails, the
 global breaker trips (its reason recorded, exactly one page) and new incidents open as `held`, so no
 remediation starts. `fleetmedic breakers reset global` releases them (held -> open) and the sweep
-starts their playbook runs.
+starts their playbook runs; after such a human reset the guard does not trip again on a mass failure
+for `guard_rearm` (30 minutes: the human judged the failures real), though a failing canary still does.
 
 "Unhealthy now" is every enabled resource with a failing `health` row from the last `guard_recent`
 (so resources failing in the same sweep count even before their confirmation rule is met), plus the

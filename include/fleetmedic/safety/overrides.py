@@ -116,7 +116,8 @@ def retry(
     if incident.state == "ignored":
         raise OverrideError(f"incident {incident_id} is ignored")
     earlier = sum(1 for ev in store.events(incident_id) if (ev.data or {}).get("retry"))
-    conf: dict[str, Any] = {"incident_id": incident_id, "reason": why, "requested_by": actor}
+    # The run's claim records the re-opening as human:<requested_by>.
+    conf: dict[str, Any] = {"incident_id": incident_id, "reason": why, "requested_by": actor.removeprefix("human:")}
     if start_at:
         conf["start_at"] = start_at
     if dry_run:
