@@ -49,6 +49,20 @@ def _pg5_healthy(stack, res) -> bool:
     return streaming == "1" and not failing
 
 
+def _diagnosis(stack, airflow, store, res, started) -> str:
+    """What the ops DB and Airflow say about pg5, for a failure message."""
+    lines = [f"failing health: {_failing_health(stack)}"]
+    for name in PG5:
+        for inc in _since(store, res[name].id, started):
+            lines.append(f"incident {inc.id} {inc.type} on {name}: {inc.state}")
+            lines += [f"    {ev.at:%H:%M:%S} {ev.from_state}->{ev.to_state} [{ev.step or ''}] {ev.reason}"
+                      for ev in store.events(inc.id)]
+    for dag_id in ("fleet_sweep", "playbook_server_down", "playbook_kernel_panic"):
+        runs = airflow.list_runs(dag_id, limit=5)
+        lines.append(f"{dag_id}: " + ", ".join(f"{r['dag_run_id']}={r['state']}" for r in runs))
+    return "\n".join(lines)
+
+
 def _steps(store, incident_id):
     return {ev.step: ev for ev in store.events(incident_id)
             if ev.step and (ev.data or {}).get("step_status") == "done"}
@@ -67,13 +81,16 @@ def test_stopped_server_and_panicked_kernel_are_rebooted_and_resolved(stack, air
         assert stopped.did.startswith("stopped server srv-pg5b: stopped postgres pg5b")
         assert "Kernel panic - not syncing" in panicked.did
 
-        down = wait_until(lambda: [i for i in _since(store, res["srv-pg5b"].id, started)
-                                   if i.type == "server_down" and i.state == "resolved"],
-                          240, "server_down on srv-pg5b to resolve", interval=3)
-        panic = wait_until(lambda: [i for i in _since(store, res["srv-pg5a"].id, started)
-                                    if i.type == "kernel_panic" and i.state == "resolved"],
-                           240, "kernel_panic on srv-pg5a to resolve", interval=3)
-        wait_until(lambda: _pg5_healthy(stack, res), 90, "pg5a to stream to pg5b and every pg5 check to pass")
+        try:
+            down = wait_until(lambda: [i for i in _since(store, res["srv-pg5b"].id, started)
+                                       if i.type == "server_down" and i.state == "resolved"],
+                              240, "server_down on srv-pg5b to resolve", interval=3)
+            panic = wait_until(lambda: [i for i in _since(store, res["srv-pg5a"].id, started)
+                                        if i.type == "kernel_panic" and i.state == "resolved"],
+                               240, "kernel_panic on srv-pg5a to resolve", interval=3)
+            wait_until(lambda: _pg5_healthy(stack, res), 90, "pg5a to stream to pg5b and every pg5 check to pass")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{_diagnosis(stack, airflow, store, res, started)}") from None
     finally:
         for server in ("srv-pg5a", "srv-pg5b"):  # leave pg5 running whatever happened above
             srv = LocalServer.from_ref(ServerRef.from_any(res[server].server))
