@@ -19,7 +19,7 @@ def fleet_ls(dsn: str | None = DsnOption, as_json: bool = JsonOption) -> None:
 
     with psycopg.connect(ops_dsn(dsn)) as conn:
         rows = conn.execute(
-            "SELECT r.name, r.kind, r.role, s.name, r.host || ':' || r.port, "
+            "SELECT r.name, r.kind, r.role, s.name, r.host || coalesce(':' || r.port, ''), "
             "coalesce(string_agg(CASE WHEN h.healthy THEN h.check_name || ' ok' ELSE h.check_name || ' FAIL: ' "
             "|| h.reason END, '; '), 'not probed yet') "
             "FROM resources r LEFT JOIN servers s ON s.id = r.server_id LEFT JOIN health h ON h.resource_id = r.id "

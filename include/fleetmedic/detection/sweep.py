@@ -212,6 +212,12 @@ async def probe_round(
     results = await run_checks(work, timeout=timeout, concurrency=concurrency)
     rows = await record_results(aconn, results)
     findings = confirmed_findings(rows, rules)
+    if findings:
+        # A database whose server is down waits for the server's playbook (detection/correlation.py);
+        # it must not count as new, or every sweep run would end after one round.
+        from fleetmedic.detection.correlation import aload_server_facts, correlate
+
+        findings, _deferred = correlate(findings, await aload_server_facts(aconn, findings))
     new = await _without_active_incident(aconn, findings)
     return RoundResult(
         probed=len(results),

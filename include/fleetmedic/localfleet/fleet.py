@@ -170,9 +170,13 @@ class DemoFleet:
                 )
                 upsert_server_resource(conn, server_id=sid, name=m.server, host="127.0.0.1")
                 primary_id = ids.get(m.primary) if m.primary else None
+                attrs = m.attrs
+                if m.kind == "redis" and m.role == "follower" and m.primary:
+                    # So a restart brings a replica back as a replica, not as a second primary.
+                    attrs["redis_args"] = ["--replicaof", "127.0.0.1", str(self._by_name()[m.primary].port)]
                 ids[m.name] = upsert_resource(
                     conn, name=m.name, kind=m.kind, role=m.role, host="127.0.0.1", port=m.port,
-                    server_id=sid, primary_id=primary_id, attrs=m.attrs,
+                    server_id=sid, primary_id=primary_id, attrs=attrs,
                 )
 
     def down(self, progress=print) -> None:
