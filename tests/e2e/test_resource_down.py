@@ -70,6 +70,11 @@ def test_stopped_postgres_is_restarted_and_resolved(stack, airflow, wait_until):
 @pytest.mark.e2e_last
 def test_postgres_that_cannot_restart_escalates_with_exactly_one_page(stack, airflow, wait_until):
     store = IncidentStore(stack.ops_dsn)
+    # No follower to fail over to: pg2b loses its data directory too (a follower that answers would
+    # be promoted by the failover step, see tests/e2e/test_replication.py).
+    _follower, follower_cluster = _cluster(stack, "pg2b")
+    follower_cluster.stop(mode="immediate")
+    shutil.rmtree(follower_cluster.datadir)
     res, cluster = _cluster(stack, "pg2a")
     cluster.stop(mode="immediate")
     shutil.rmtree(cluster.datadir)
@@ -83,6 +88,8 @@ def test_postgres_that_cannot_restart_escalates_with_exactly_one_page(stack, air
     events = store.events(incident.id)
     restart = [ev for ev in events if ev.step == "restart" and ev.data.get("step_status") == "done"]
     assert restart and "data directory" in restart[0].reason
+    failover = [ev for ev in events if ev.step == "failover" and ev.data.get("step_status") == "done"]
+    assert failover and failover[0].reason.startswith("no follower of pg2a can be promoted: pg2b does not answer")
     assert events[-1].to_state == "escalated" and "automation could not fix it" in events[-1].reason
 
     # Re-detection keeps refreshing the same incident; the page is still one.

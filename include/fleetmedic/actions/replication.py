@@ -490,6 +490,9 @@ def changeover_create_follower(ctx: ActionContext) -> ActionResult:
             cluster.start()
             return ActionResult(True, f"the changeover follower of {res.name} on {new['server']} (port {new['port']}) "
                                       "already exists; started it", {"server": new["server"], "port": new["port"]})
+    if not res.attrs.get("base_dir"):
+        return ActionResult(False, f"{res.name} has no attrs.base_dir: it is not a local demo-fleet database, and "
+                                   "a changeover places the new server next to the old one")
     pst = _node_state(res.host, res.port)
     if not pst["up"] or pst["in_recovery"]:
         return ActionResult(False, f"cannot change over {res.name}: {pst.get('error') or 'it is not a primary'}")
