@@ -238,8 +238,8 @@ def _inventory_upstream(target: Target) -> tuple[str, int] | None:
 
 
 async def _lag(target: Target, timeout: float, *, strict: bool) -> tuple[bool, float | None, str]:
-    if _role(target) == "primary":
-        return True, None, f"{target.name} is a primary; replication lag is measured on its followers"
+    if _role(target) != "follower":
+        return True, None, f"{target.name} is a {_role(target) or 'resource of unknown role'}; replication lag is measured on followers"
     try:
         reading = await measure_lag(target.host, target.port, timeout, target.attrs)
     except LagUnmeasurable as exc:
