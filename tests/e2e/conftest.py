@@ -30,12 +30,18 @@ def pytest_collection_modifyitems(items):
 
 
 def _free_port_block(size: int) -> int:
-    """A base port with `size` consecutive free ports after it."""
+    """A base port with `size` consecutive free ports, below the kernel's ephemeral range.
+
+    Ports from the ephemeral range (32768+) can be taken by any client socket at any moment, and a
+    PostgreSQL that loses its port to one cannot start.
+    """
+    import random
+
     for _ in range(200):
-        base = free_port()
-        if base + size < 65000 and not any(port_in_use(base + i) for i in range(size)):
+        base = random.randint(20000, 32000 - size)
+        if not any(port_in_use(base + i) for i in range(size)):
             return base
-    raise RuntimeError(f"no block of {size} free ports found")
+    raise RuntimeError(f"no block of {size} free ports found between 20000 and 32000")
 
 
 @pytest.fixture(scope="session")

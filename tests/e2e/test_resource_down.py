@@ -45,7 +45,7 @@ def test_stopped_postgres_is_restarted_and_resolved(stack, airflow, wait_until):
 
     incident = wait_until(lambda: _incident_for(store, res.id, {"resolved"}), 300,
                           "the resource_down incident on pg1a to resolve", interval=3)
-    run = airflow.get_run("playbook_resource_down", f"incident-{incident.id}")
+    run = airflow.wait_for_run("playbook_resource_down", f"incident-{incident.id}", timeout=120)
     assert run["state"] == "success"
     sweeps = airflow.list_runs("fleet_sweep", state="success", limit=50)
     assert sweeps, "no successful fleet_sweep run"

@@ -170,6 +170,12 @@ class DemoFleet:
                 )
                 upsert_server_resource(conn, server_id=sid, name=m.server, host="127.0.0.1")
                 primary_id = ids.get(m.primary) if m.primary else None
+                existing = conn.execute("SELECT id, attrs FROM resources WHERE name = %s", (m.name,)).fetchone()
+                if existing and {"fenced", "promoted", "changeovers"} & set(existing[1] or {}):
+                    # Automation or an operator moved this database (failover, changeover): the
+                    # inventory is the truth now, not the demo fleet's initial layout.
+                    ids[m.name] = int(existing[0])
+                    continue
                 attrs = m.attrs
                 if m.kind == "redis" and m.role == "follower" and m.primary:
                     # So a restart brings a replica back as a replica, not as a second primary.
