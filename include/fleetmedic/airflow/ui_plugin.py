@@ -184,7 +184,7 @@ def _page_context(dsn: str) -> dict[str, Any]:
     report = None
     charts: list[dict[str, str]] = []
     try:
-        report = load_trends(dsn)
+        report = load_trends(dsn, limit=10)
         if report is not None and report.run_id is not None:
             charts = chart_list(dsn, report.run_id)
     except Exception as exc:  # no report tables yet (migration pending) must not hide the incidents

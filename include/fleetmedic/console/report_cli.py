@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import typer
 from rich.table import Table
 
@@ -85,6 +86,8 @@ def report(
             result = build_trends(dsn, wanted, progress=progress)
     except OpsDatabaseUnavailable as exc:
         fail(str(exc))
+    except psycopg.errors.UndefinedTable as exc:
+        fail(f"{exc.diag.message_primary}: this ops database predates the report tables; run `fleetmedic db migrate`")
 
     if as_json:
         body = result.as_dict()

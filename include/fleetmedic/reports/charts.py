@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 
+import matplotlib.dates as mdates
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,6 +46,18 @@ def _no_data(ax: Axes, what: str) -> None:
     ax.set_yticks([])
 
 
+def _days_axis(fig: Figure, ax: Axes, report: TrendReport) -> None:
+    """The x axis spans the period's days (half a day of margin each side), labelled by day, whatever
+    the data: a one-day period must not autoscale to years, nor a month to hours."""
+    first = pd.Timestamp(report.period.start.date())
+    last = pd.Timestamp((report.period.end - pd.Timedelta(microseconds=1)).date())
+    ax.set_xlim(first - pd.Timedelta(hours=12), last + pd.Timedelta(hours=12))
+    days = (last - first).days + 1
+    ax.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, days // 10)))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d"))
+    fig.autofmt_xdate()
+
+
 def _daily(report: TrendReport) -> pd.DataFrame:
     df = report.tables.get("daily")
     if df is None or df.empty:
@@ -72,7 +85,7 @@ def incidents_per_day(report: TrendReport) -> bytes:
         ax.set_ylabel("incidents")
         ax.set_ylim(0, float(bottom.max()) * 1.3)  # room for the legend above the bars
         ax.legend(fontsize=7, ncols=min(4, len(pivot.columns)), loc="upper left")
-        fig.autofmt_xdate()
+        _days_axis(fig, ax, report)
     ax.set_title(CHARTS["incidents_per_day"])
     return _png(fig)
 
@@ -95,7 +108,7 @@ def mttr_trend(report: TrendReport) -> bytes:
         ax.set_ylabel("minutes")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="upper left")
-        fig.autofmt_xdate()
+        _days_axis(fig, ax, report)
     ax.set_title(CHARTS["mttr_trend"])
     return _png(fig)
 
@@ -116,7 +129,7 @@ def automation_rate(report: TrendReport) -> bytes:
         ax.set_ylim(0, 100)
         ax.set_ylabel("% of incidents opened that day")
         ax.legend(fontsize=7, loc="center left")
-        fig.autofmt_xdate()
+        _days_axis(fig, ax, report)
     ax.set_title(CHARTS["automation_rate"])
     return _png(fig)
 

@@ -93,10 +93,10 @@ def table_rows(report: TrendReport, name: str, limit: int | None = DEFAULT_ROW_L
     """(headings, formatted rows, rows left out) of one table."""
     spec = TABLES[name]
     df = report.tables.get(name)
-    records = frame_records(df) if df is not None else []
-    shown = records if limit is None else records[:limit]
+    total = report.row_count(name)
+    shown = frame_records(df if limit is None or df is None else df.head(limit)) if df is not None else []
     rows = [[format_cell(c, r.get(c)) for c in spec.columns] for r in shown]
-    return [header(name, c) for c in spec.columns], rows, len(records) - len(shown)
+    return [header(name, c) for c in spec.columns], rows, max(0, total - len(shown))
 
 
 _TEMPLATE = """<!doctype html>

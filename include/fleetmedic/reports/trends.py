@@ -107,6 +107,15 @@ class TrendReport:
     generated_by: str | None = None
     html_path: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Rows each table has in full, when `tables` holds only the first ones (load_trends(limit=...)).
+    row_counts: dict[str, int] = field(default_factory=dict)
+
+    def row_count(self, name: str) -> int:
+        """How many rows the table has (all of them, even when only the first few were loaded)."""
+        if name in self.row_counts:
+            return self.row_counts[name]
+        df = self.tables.get(name)
+        return 0 if df is None else len(df)
 
     def title(self, name: str) -> str:
         """The table's title as the talk words it, e.g. 'Kernel panics in last 7d'."""
@@ -152,6 +161,12 @@ def frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
                 clean[k] = v
         out.append(clean)
     return out
+
+
+def _db_rows(df: pd.DataFrame) -> Any:
+    """Rows of `df` as tuples of Python values for COPY (vectorised: NaN/NaT -> None, numpy -> Python)."""
+    values = df.astype(object)
+    return values.where(pd.notna(df), None).itertuples(index=False, name=None)
 
 
 # -- SQL ------------------------------------------------------------------------------------------
@@ -506,8 +521,8 @@ def save_trends(
             stmt = sql.SQL("COPY {} ({}) FROM STDIN").format(
                 sql.Identifier(spec.db_table), sql.SQL(", ").join(map(sql.Identifier, cols)))
             with cur.copy(stmt) as copy:
-                for rec in frame_records(df[list(spec.columns)]):
-                    copy.write_row([run_id, *(rec[c] for c in spec.columns)])
+                for values in _db_rows(df[list(spec.columns)]):
+                    copy.write_row((run_id, *values))
         for name, (title, png) in (charts or {}).items():
             cur.execute("INSERT INTO report_charts (run_id, name, title, png) VALUES (%s, %s, %s, %s)",
                         (run_id, name, title, png))
@@ -527,8 +542,13 @@ def latest_run(dsn: str, *, period: str | None = None, report_name: str = "incid
         ).fetchone()
 
 
-def load_trends(dsn: str, *, run_id: int | None = None, period: str | None = None) -> TrendReport | None:
-    """A stored report: by run id, else the newest (of `period` when given); None when there is none."""
+def load_trends(
+    dsn: str, *, run_id: int | None = None, period: str | None = None, limit: int | None = None,
+) -> TrendReport | None:
+    """A stored report: by run id, else the newest (of `period` when given); None when there is none.
+
+    `limit` loads only the first rows of each table (row_count() still says how many there are).
+    """
     with connect(dsn, row_factory=psycopg.rows.dict_row) as conn:
         if run_id is None:
             run = conn.execute(
@@ -539,19 +559,25 @@ def load_trends(dsn: str, *, run_id: int | None = None, period: str | None = Non
         if run is None:
             return None
         tables: dict[str, pd.DataFrame] = {}
+        counts: dict[str, int] = {}
         with conn.cursor(row_factory=psycopg.rows.tuple_row) as cur:
             for name, spec in TABLES.items():
-                order = ", ".join(_LOAD_ORDER.get(name, spec.columns[:1]))
-                query = sql.SQL("SELECT {} FROM {} WHERE run_id = %s ORDER BY " + order).format(
-                    sql.SQL(", ").join(map(sql.Identifier, spec.columns)), sql.Identifier(spec.db_table))
-                cur.execute(query, (run["id"],))
+                order = sql.SQL(", ").join(sql.SQL(o) for o in _LOAD_ORDER.get(name, spec.columns[:1]))
+                query = sql.SQL("SELECT {} FROM {} WHERE run_id = %s ORDER BY {} LIMIT %s").format(
+                    sql.SQL(", ").join(map(sql.Identifier, spec.columns)), sql.Identifier(spec.db_table), order)
+                cur.execute(query, (run["id"], limit))
                 df = pd.DataFrame.from_records(cur.fetchall(), columns=list(spec.columns))
                 tables[name] = df if not df.empty else _empty(spec.columns)
+                if limit is not None:
+                    cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE run_id = %s").format(
+                        sql.Identifier(spec.db_table)), (run["id"],))
+                    row = cur.fetchone()
+                    counts[name] = int(row[0]) if row else 0
     period_obj = Period(spec=run["period"], start=run["period_start"], end=run["period_end"])
     return TrendReport(period=period_obj, as_of=run["as_of"], generated_at=run["generated_at"],
                        incidents=run["incidents"], events=run["events"], tables=tables,
                        duration_s=run["duration_s"] or 0.0, run_id=run["id"], generated_by=run["generated_by"],
-                       html_path=run["html_path"])
+                       html_path=run["html_path"], row_counts=counts)
 
 
 _LOAD_ORDER: dict[str, tuple[str, ...]] = {
