@@ -16,8 +16,10 @@ from fleetmedic.localfleet.services import free_port, port_in_use
 
 # Who may break what in the shared demo fleet (tests run one after another in one session; each
 # test leaves its resources healthy unless it is marked `e2e_last`):
-#   pg1a/pg1b       resource_down (stop), kill-postgres, blocking queries
-#   pg2a/pg2b       resource_down with the data directory removed (destructive, runs last)
+#   pg1a            resource_down (stop), blocking queries
+#   pg1b            kill-postgres; safety scenarios; manual-run drills (dry run, start_at)
+#   pg2a/pg2b       step-timeout and approval drills on pg2b; then resource_down with both data
+#                   directories removed (destructive, runs last)
 #   pg3a/pg3b       follower_behind (pause-replay on pg3b), old_base_backup (pg3a)
 #   pg4a/pg4b       failover and changeover (destructive to the topology)
 #   pg5a/pg5b       server_down and kernel_panic (srv-pg5a, srv-pg5b)

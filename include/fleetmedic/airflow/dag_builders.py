@@ -10,6 +10,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import DAG, Param, task
 from airflow.sdk.definitions.edges import Label
 
+from fleetmedic.airflow.approval import StepApprovalOperator
 from fleetmedic.airflow.callbacks import page_on_dag_failure, page_on_failure
 from fleetmedic.airflow.gate import GateOperator, HoldOperator
 from fleetmedic.airflow.operators import (
@@ -103,6 +104,10 @@ def build_sweep_dag(playbooks: list[Playbook], *, doc: str) -> DAG:
 
             summary, runs = open_incidents_for_findings(ops_dsn(), list(shard_events), playbook_dags)
             print(summary.line())
+            # Incidents in await_resolution resolve once their check passes again (detection/awaiting.py).
+            from fleetmedic.detection.awaiting import settle_awaiting_incidents
+
+            print(settle_awaiting_incidents(ops_dsn(), rules).line())
             return runs
 
         runs = open_incidents(probes.output)
@@ -151,11 +156,14 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
         gate = GateOperator(task_id="gate", playbook=pb, execution_timeout=timedelta(minutes=1))
         hold = HoldOperator(task_id="hold", trigger_rule="none_failed_min_one_success",
                             execution_timeout=timedelta(minutes=1))
+        # A step with `approval: required` is entered through a human-in-the-loop task in front of it.
+        entry = {s.name: (f"approve_{s.name}" if s.approval == "required" else f"step_{s.name}") for s in pb.steps}
         reconfirm = ReconfirmOperator(
             task_id="reconfirm",
             checks_by_kind={CHECKS[d.check][0]: d.check for d in pb.detects},
             first_step=pb.steps[0].name,
             steps=step_names,
+            entry_task_ids=entry,
             execution_timeout=timedelta(minutes=1),
         )
         used = {"resolve", "escalate"} | {t for s in pb.steps for t in s.next.values() if t in TERMINALS}
@@ -167,7 +175,7 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
         }
 
         def task_id_for(target: str) -> str:
-            return target if target in TERMINALS else f"step_{target}"
+            return target if target in TERMINALS else entry[target]
 
         step_tasks: dict[str, Any] = {}
         for s in pb.steps:
@@ -188,18 +196,37 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
                     doc_md=f"Wait until `{s.wait_healthy}` passes (up to {s.timeout}); "
                            f"healthy → {s.next['healthy']}, timeout → {s.next['timeout']}",
                 )
+        approvals: dict[str, Any] = {}
+        for s in pb.steps:
+            if s.approval == "required":
+                what = f"`{s.action}`" if s.action else f"waiting for `{s.wait_healthy}`"
+                approvals[s.name] = StepApprovalOperator(
+                    task_id=entry[s.name], step=s.name, step_task_id=f"step_{s.name}",
+                    description=f"The step runs {what} (timeout {s.timeout}).",
+                    response_timeout=s.approval_timeout,
+                    execution_timeout=timedelta(minutes=1),
+                    trigger_rule="none_failed_min_one_success",
+                    doc_md=f"Human approval for step `{s.name}`: Approve runs it; Reject, Escalate or no answer "
+                           f"within {s.approval_timeout} escalates.",
+                )
+                approvals[s.name] >> Label("Approve") >> step_tasks[s.name]
+                approvals[s.name] >> Label("Reject / Escalate") >> terminals["escalate"]
+
+        def entry_task(name: str) -> Any:
+            return approvals.get(name, step_tasks[name])
+
         claim >> gate
         gate >> Label("proceed") >> reconfirm
         gate >> Label("hold") >> hold
         gate >> Label("escalate") >> terminals["escalate"]
         reconfirm >> Label("healthy now") >> terminals["resolve"]
-        reconfirm >> Label("still failing") >> step_tasks[pb.steps[0].name]
+        reconfirm >> Label("still failing") >> entry_task(pb.steps[0].name)
         for name in step_names:
             if name != pb.steps[0].name:
-                reconfirm >> Label("start_at") >> step_tasks[name]
+                reconfirm >> Label("start_at") >> entry_task(name)
         for s in pb.steps:
             for outcome, target in s.next.items():
-                dest = terminals[target] if target in TERMINALS else step_tasks[target]
+                dest = terminals[target] if target in TERMINALS else entry_task(target)
                 step_tasks[s.name] >> Label(outcome) >> dest
             if s.action:
                 # The action permit refused (a breaker opened, Redis gone): the incident is held.

@@ -42,12 +42,15 @@ def incident_id_from(context: Any) -> int:
         raise ValueError(f"incident_id must be an integer, got {value!r}") from exc
 
 
-def resource_target(resource: Any) -> Any:
-    """The probe's view of an inventory resource (server details under attrs['server'])."""
+def resource_target(resource: Any, primary: Any = None) -> Any:
+    """The probe's view of an inventory resource, as the sweep builds it (detection/sweep.py load_targets):
+    server details under attrs['server'], a follower's primary under attrs['primary']."""
     from fleetmedic.detection.checks import Target
 
     attrs = dict(resource.attrs)
     attrs["role"] = resource.role
+    if primary is not None:
+        attrs["primary"] = {"name": primary.name, "host": primary.host, "port": primary.port}
     if resource.server is not None:
         attrs["server"] = {"name": resource.server.name, "provider": resource.server.provider,
                            "address": resource.server.address, "attrs": dict(resource.server.attrs)}
@@ -79,6 +82,18 @@ class _IncidentTask:
     @staticmethod
     def _run_id(context: Any) -> str:
         return str(context["ti"].run_id)
+
+    def _target(self, resource: Any) -> Any:
+        """The probe target for a resource, with its primary when it is a follower."""
+        primary = None
+        if resource.primary_id is not None:
+            import psycopg
+
+            from fleetmedic.inventory import get_resource
+
+            with psycopg.connect(ops_dsn(self.conn_id)) as conn:
+                primary = get_resource(conn, int(resource.primary_id))
+        return resource_target(resource, primary)
 
     def _resource(self, incident: Any) -> Any:
         import psycopg
@@ -211,8 +226,11 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
     ui_color = "#bfdbfe"
 
     def __init__(self, *, checks_by_kind: dict[str, str], first_step: str, steps: list[str],
-                 probe_timeout: float = 5.0, conn_id: str = OPS_CONN_ID, **kwargs: Any):
+                 probe_timeout: float = 5.0, entry_task_ids: dict[str, str] | None = None,
+                 conn_id: str = OPS_CONN_ID, **kwargs: Any):
         super().__init__(**kwargs)
+        # Where each step starts: its own task, or the approval task in front of it.
+        self.entry_task_ids = entry_task_ids or {}
         self.checks_by_kind = checks_by_kind
         self.first_step = first_step
         self.steps = steps
@@ -230,28 +248,31 @@ class ReconfirmOperator(BaseBranchOperator, _IncidentTask):
                 raise ValueError(f"start_at '{start_at}' is not a step of this playbook (steps: {', '.join(self.steps)})")
             self._record(store, incident_id, context, step="reconfirm",
                          reason=f"operator asked to start at step '{start_at}'; skipping re-confirm",
-                         data={"step_status": "done", "next": f"step_{start_at}"})
-            return f"step_{start_at}"
+                         data={"step_status": "done", "next": self._entry(start_at)})
+            return self._entry(start_at)
         incident = store.get(incident_id)
         resource = self._resource(incident)
         check = self.checks_by_kind.get(resource.kind)
         if not check:
             reason = f"no detect check for a {resource.kind} resource; starting at '{self.first_step}'"
             self._record(store, incident_id, context, step="reconfirm", reason=reason,
-                         data={"step_status": "done", "next": f"step_{self.first_step}"})
-            return f"step_{self.first_step}"
-        target = resource_target(resource)
+                         data={"step_status": "done", "next": self._entry(self.first_step)})
+            return self._entry(self.first_step)
+        target = self._target(resource)
         result = asyncio.run(run_one(target, check, self.probe_timeout))
         if result.healthy:
             reason = f"healthy on re-confirm ({check}: {result.reason}); transient, no action taken"
             nxt = "resolve"
         else:
             reason = f"still failing on re-confirm ({check}: {result.reason}); starting at '{self.first_step}'"
-            nxt = f"step_{self.first_step}"
+            nxt = self._entry(self.first_step)
         self._record(store, incident_id, context, step="reconfirm", reason=reason,
                      data={"step_status": "done", "healthy": result.healthy, "next": nxt})
         self.log.info(reason)
         return nxt
+
+    def _entry(self, step: str) -> str:
+        return self.entry_task_ids.get(step, f"step_{step}")
 
 
 class ActionStepOperator(BaseBranchOperator, _IncidentTask):
@@ -377,7 +398,7 @@ class WaitHealthySensor(BaseSensorOperator, BranchMixIn, _IncidentTask):
         store.set_step(incident_id, run_id=run_id, step=self.step, actor=self._actor(context),
                        reason=f"waiting up to {self.step_timeout} for {self.check} to pass on {resource.name}",
                        data={"run_id": run_id, "step_status": "waiting"})
-        t = resource_target(resource)
+        t = self._target(resource)
         target = {"resource_id": t.resource_id, "name": t.name, "kind": t.kind, "host": t.host, "port": t.port,
                   "attrs": t.attrs}
         self.defer(

@@ -71,8 +71,12 @@ async def _redis_ping(target: Target, timeout: float) -> tuple[bool, float | Non
     from redis.exceptions import RedisError
 
     started = time.perf_counter()
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # No retries: a refused connection should say so, not turn into a timeout.
     client = aioredis.Redis(host=target.host, port=target.port, socket_timeout=timeout,
-                            socket_connect_timeout=timeout)
+                            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

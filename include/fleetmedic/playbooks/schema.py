@@ -74,6 +74,7 @@ class Step(_Model):
     timeout: Duration
     next: dict[str, str]
     approval: Literal["required", "none"] = "none"
+    approval_timeout: Duration = Field(timedelta(minutes=30), description="no answer by then escalates")
     attempts: int = Field(1, ge=1, le=10)
     params: dict[str, object] = Field(default_factory=dict)
 

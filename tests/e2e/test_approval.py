@@ -1,0 +1,65 @@
+"""Approval steps in a real Airflow: the run waits for a human; Approve runs the step, Reject escalates."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from fleetmedic.incidents.store import IncidentStore
+
+pytestmark = pytest.mark.e2e
+
+DAG = "playbook_approval_drill"
+
+
+def _incident(stack) -> int:
+    with psycopg.connect(stack.ops_dsn) as conn:
+        row = conn.execute("SELECT id FROM resources WHERE name = 'pg2b'").fetchone()
+    assert row is not None
+    incident, _ = IncidentStore(stack.ops_dsn).open_or_refresh_incident(
+        int(row[0]), "approval_drill", actor="human:e2e", reason="approval drill", state="held")
+    return incident.id
+
+
+def _answer_when_asked(airflow, wait_until, run_id: str, option: str) -> None:
+    def asked():
+        states = {ti["task_id"]: ti["state"] for ti in airflow.task_instances(DAG, run_id)}
+        return states.get("approve_restart") in ("awaiting_input", "deferred")
+
+    wait_until(asked, 180, "the approval task to wait for a human")
+    airflow.request("PATCH", f"/api/v2/dags/{DAG}/dagRuns/{run_id}/taskInstances/approve_restart/-1/hitlDetails",
+                    json={"chosen_options": [option], "params_input": {}})
+
+
+def test_approved_step_runs_and_the_answer_is_audited(stack, airflow, wait_until):
+    airflow.wait_for_dags([DAG], timeout=180)
+    store = IncidentStore(stack.ops_dsn)
+    incident_id = _incident(stack)
+    run_id = f"approve-{incident_id}"
+    airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
+    _answer_when_asked(airflow, wait_until, run_id, "Approve")
+    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success"
+    events = store.events(incident_id)
+    answer = [ev for ev in events if ev.step == "approve_restart" and (ev.data or {}).get("answer")]
+    assert answer and answer[0].data["answer"] == "Approve"
+    assert f"{stack.airflow.user} chose Approve for step 'restart'" in answer[0].reason
+    assert [ev for ev in events if ev.step == "restart" and (ev.data or {}).get("step_status") == "done"]
+    assert store.get(incident_id).state == "resolved"
+
+
+def test_rejected_step_escalates_without_acting(stack, airflow, wait_until):
+    airflow.wait_for_dags([DAG], timeout=180)
+    store = IncidentStore(stack.ops_dsn)
+    incident_id = _incident(stack)
+    run_id = f"reject-{incident_id}"
+    airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
+    _answer_when_asked(airflow, wait_until, run_id, "Reject")
+    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success"
+    incident = store.get(incident_id)
+    assert incident.state == "escalated" and "chose Reject" in incident.reason
+    assert not [ev for ev in store.events(incident_id) if ev.step == "restart"]
+    tis = {ti["task_id"]: ti["state"] for ti in airflow.task_instances(DAG, run_id)}
+    assert tis["step_restart"] == "skipped"
+    with psycopg.connect(stack.ops_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pages WHERE incident_id = %s", (incident_id,)).fetchone() == (1,)
+    store.resolve(incident_id, actor="human:e2e", reason="drill over")
