@@ -6,6 +6,15 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3.11}
 say() { printf '[bootstrap] %s\n' "$*"; }
+# pip install, quiet, without the warnings some machines' pip configuration prints for every
+# package (find-links folders that do not exist); pip's own exit status is kept.
+pipq() {
+  set +e
+  .venv/bin/python -m pip install -q "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
+  local status=${PIPESTATUS[0]}
+  set -e
+  return "$status"
+}
 
 need_apt=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
@@ -62,9 +71,9 @@ stamp=.venv/.requirements.sha
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   say "installing pinned requirements into .venv (first time takes a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip wheel
-  .venv/bin/python -m pip install -q -r requirements.txt
-  .venv/bin/python -m pip install -q --no-deps -e .
+  pipq --upgrade pip wheel
+  pipq -r requirements.txt
+  pipq --no-deps -e .
   echo "$want" > "$stamp"
 else
   say "virtualenv up to date"
