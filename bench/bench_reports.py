@@ -67,8 +67,7 @@ SELECT (opened_at AT TIME ZONE 'UTC')::date AS day, coalesce(type, '(all)') AS t
        count(*) FILTER (WHERE ignored) AS ignored,
        count(*) FILTER (WHERE resolved_at IS NULL AND NOT ignored) AS still_active,
        count(*) FILTER (WHERE resolved_at IS NOT NULL) AS resolved,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY ttr_s) AS mttr_p50_s,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY ttr_s) AS mttr_p95_s,
+       percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY ttr_s) AS mttr_s,
        sum(events) AS events,
        count(*) FILTER (WHERE shadow) AS shadow_incidents,
        count(*) FILTER (WHERE shadow AND would_resolve) AS would_have_resolved
