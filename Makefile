@@ -32,7 +32,10 @@ lint: bootstrap
 	@echo "== ruff"
 	@$(BIN)/ruff check include dags plugins tests bench
 
-test: bootstrap lint
+test:
+	@bash scripts/bootstrap.sh --test
+	@echo "== ruff"
+	@$(BIN)/ruff check include dags plugins tests bench
 	@echo "== pytest (unit, integration, DAG policy, end to end)"
 	@$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 

@@ -26,8 +26,11 @@ fi
 if ! command -v runuser >/dev/null 2>&1; then
   need_apt+=(util-linux)
 fi
-if [ "${FLEETMEDIC_BROWSER:-0}" = "1" ] && ! command -v chromium >/dev/null 2>&1; then
-  need_apt+=(chromium)
+# `bootstrap.sh --test` (what `make test` runs) also brings what the tests drive: a real browser
+# for the Airflow UI page and a real terminal for the REPL.
+if [ "${1:-}" = "--test" ] || [ "${FLEETMEDIC_BROWSER:-0}" = "1" ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = "0" ]; then
@@ -45,7 +48,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     exit 1
   fi
 else
-  say "system packages present (postgresql, redis-server)"
+  say "system packages present"
 fi
 
 # PostgreSQL refuses to run as root: when we are root, its binaries run as an unprivileged user.

@@ -105,6 +105,8 @@ class LocalStack:
         return {
             "AIRFLOW_CONN_FLEETMEDIC_OPS": f"postgresql://postgres@127.0.0.1:{self.config.ops_port}/fleetmedic_ops",
             "AIRFLOW_CONN_FLEETMEDIC_REDIS": f"redis://127.0.0.1:{self.config.redis_port}/0",
+            # Reports and other local files of tasks go under this stack's home, not the repo's.
+            "FLEETMEDIC_HOME": str(self.home),
         }
 
     def env_values(self) -> dict[str, str]:
