@@ -20,6 +20,13 @@ os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="fleetmedic-airflo
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 
+def pytest_collection_modifyitems(items):
+    """Fast tests first, then the end-to-end ones (one shared stack), and last the e2e tests marked
+    e2e_last, which leave part of the demo fleet broken for good."""
+    items.sort(key=lambda item: (item.get_closest_marker("e2e") is not None,
+                                 item.get_closest_marker("e2e_last") is not None))
+
+
 @pytest.fixture(scope="session")
 def services_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="fleetmedic-test-"))

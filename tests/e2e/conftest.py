@@ -26,11 +26,6 @@ from fleetmedic.localfleet.services import free_port, port_in_use
 #   redis1a/redis1b resource_down for Redis, broken Redis replication
 
 
-def pytest_collection_modifyitems(items):
-    """Tests marked e2e_last (they leave something broken for good) run after all others."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e_last") is not None)
-
-
 def _free_port_block(size: int) -> int:
     """A base port with `size` consecutive free ports, below the kernel's ephemeral range.
 
