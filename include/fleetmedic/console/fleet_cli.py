@@ -10,6 +10,48 @@ from fleetmedic.console.common import DsnOption, JsonOption, console, fail, ops_
 app = typer.Typer(help="The demo fleet and the inventory.", no_args_is_help=True)
 
 
+def _local_stack(pairs: int | None = None, redis_pairs: int | None = None):
+    from fleetmedic.config import local_home
+    from fleetmedic.localfleet.stack import LocalStack, StackConfig
+
+    config = StackConfig.from_env(local_home())
+    if pairs is not None:
+        config.pairs = pairs
+    if redis_pairs is not None:
+        config.redis_pairs = redis_pairs
+    return LocalStack(config)
+
+
+@app.command("up")
+def fleet_up(pairs: int = typer.Option(2, "--pairs", min=1, max=20, help="PostgreSQL primary/follower pairs"),
+             redis: int = typer.Option(1, "--redis", min=0, max=10, help="Redis primary/replica pairs")) -> None:
+    """Start the demo fleet (and the local ops database it registers into); idempotent."""
+    import json
+    from dataclasses import asdict
+
+    from fleetmedic.db.migrate import migrate
+    from fleetmedic.localfleet.services import ServiceError
+
+    stack = _local_stack(pairs, redis)
+    try:
+        stack.home.mkdir(parents=True, exist_ok=True)
+        stack.ops.start()
+        stack.ops.create_database("fleetmedic_ops")
+        migrate(stack.ops_dsn)
+        stack.fleet.up(stack.ops_dsn, progress=lambda m: console.print(m, highlight=False))
+    except ServiceError as exc:
+        fail(str(exc))
+    (stack.home / "stack.json").write_text(json.dumps(asdict(stack.config), indent=2))
+    console.print(f"demo fleet up: {pairs} PostgreSQL pair(s), {redis} Redis pair(s); see `fleetmedic fleet ls`")
+
+
+@app.command("down")
+def fleet_down() -> None:
+    """Stop every process of the demo fleet (the ops database and Airflow keep running)."""
+    stack = _local_stack()
+    stack.fleet.down(progress=lambda m: console.print(m, highlight=False))
+
+
 # -- fleet ------------------------------------------------------------------------------------
 
 @app.command("ls")
