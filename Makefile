@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap demo demo-up stop test lint unit e2e freeze clean
+.PHONY: bootstrap demo demo-up stop test lint unit e2e bench freeze clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -44,6 +44,10 @@ unit: bootstrap
 
 e2e: bootstrap
 	@$(BIN)/pytest -p no:cacheprovider -m e2e $(PYTEST_ARGS)
+
+bench: bootstrap
+	@$(BIN)/python bench/bench_detection.py
+	@$(BIN)/python bench/bench_reports.py
 
 freeze:
 	@{ echo "# Exact pins for fleetmedic (Python 3.11). Regenerate with: make freeze"; \
