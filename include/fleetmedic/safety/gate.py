@@ -197,11 +197,13 @@ def evaluate_gate(
     except RedisUnavailable as exc:
         return _fail_closed(ops_dsn, redis_url, exc, actor=actor, incident=inc, dry_run=dry_run)
     if window.admitted:
+        checked = ("a human's run: silences and the resource cooldown do not apply" if manual else
+                   f"no silence, no action on {resource} within the {limits.resource_cooldown} cooldown")
         return GateDecision(
             "proceed",
             f"admitted: run {window.count} of at most {limit} of playbook_{playbook.type} in the last hour; "
-            f"no breaker open, no silence, no action on {resource} within the {limits.resource_cooldown} cooldown",
-            None, {"window_count": window.count, "window_limit": limit},
+            f"no breaker open; {checked}",
+            None, {"window_count": window.count, "window_limit": limit, "manual": manual},
         )
     reason = (f"max_actions_per_hour reached: {window.count} runs of playbook_{playbook.type} already acted in the "
               f"last hour (limit {limit}); breaker {pb_name} trips and holds its incidents")
