@@ -153,6 +153,6 @@ def guard_sweep(
             why = (f"{len(health.unhealthy)} of {health.fleet} resources unhealthy, but {g.changed_by} reset the "
                    f"global breaker at {g.changed_at:%H:%M:%S}; the guard re-arms at {rearm_at:%H:%M:%S}")
     else:
-        why = reason if tripped else f"global breaker is {g.state}: {g.reason}"
-    return GuardDecision(hold_new=not g.closed, tripped=tripped, reason=why or "", health=health,
+        why = reason if tripped and reason else f"global breaker is {g.state}: {g.reason}"
+    return GuardDecision(hold_new=not g.closed, tripped=tripped, reason=why, health=health,
                          breaker_state=g.state, changes=changes, released=released)
