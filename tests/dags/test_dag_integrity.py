@@ -65,6 +65,12 @@ def test_every_task_has_execution_timeout_and_failure_callback(dagbag):
                 assert t.timeout is not None and t.timeout > 0, f"sensor {where} has no timeout"
 
 
+def test_every_playbook_dag_runs_in_its_own_pool(dagbag):
+    for dag_id, dag in dagbag.dags.items():
+        if dag_id.startswith("playbook_"):
+            assert {t.pool for t in dag.tasks} == {dag_id}, f"{dag_id} tasks must use pool {dag_id}"
+
+
 def test_playbook_graph_is_the_state_machine(dagbag):
     dag = dagbag.dags["playbook_resource_down"]
     assert dag.get_task("claim").downstream_task_ids == {"gate"}

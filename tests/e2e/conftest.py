@@ -23,7 +23,8 @@ from fleetmedic.localfleet.services import free_port, port_in_use
 #   pg3a/pg3b       follower_behind (pause-replay on pg3b), old_base_backup (pg3a)
 #   pg4a/pg4b       failover and changeover (destructive to the topology)
 #   pg5a/pg5b       server_down and kernel_panic (srv-pg5a, srv-pg5b)
-#   redis1a/redis1b resource_down for Redis, broken Redis replication
+#   redis1a/redis1b resource_down for Redis, broken Redis replication (redis1b: also the safety
+#                   scenarios, with the stack's own Redis stopped and started)
 
 
 def _free_port_block(size: int) -> int:

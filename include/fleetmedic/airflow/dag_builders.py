@@ -283,4 +283,6 @@ def playbook_dag_from_file(dag_file: str) -> DAG:
     if not stem.startswith("playbook_"):
         raise ValueError(f"{dag_file}: playbook DAG files are named playbook_<type>.py")
     pb = load_playbook(default_playbooks_dir() / f"{stem.removeprefix('playbook_')}.yaml")
-    return build_playbook_dag(pb, pool=f"playbook_{pb.type}" if os.environ.get("FLEETMEDIC_USE_POOLS") else None)
+    # The pool caps this playbook's concurrent remediations (limits.concurrency). `make demo` and
+    # `fleetmedic pools sync` create it from the playbooks; run the latter after changing one.
+    return build_playbook_dag(pb, pool=f"playbook_{pb.type}")
