@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -16,7 +17,10 @@ from fleetmedic.localfleet.services import PostgresCluster, RedisServer, free_po
 _db_counter = itertools.count(1)
 
 # DAG-parsing tests import Airflow: keep its home out of ~ and its examples out of the bag.
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="fleetmedic-airflow-home-"))
+if "AIRFLOW_HOME" not in os.environ:
+    _airflow_home = tempfile.mkdtemp(prefix="fleetmedic-airflow-home-")
+    os.environ["AIRFLOW_HOME"] = _airflow_home
+    atexit.register(shutil.rmtree, _airflow_home, ignore_errors=True)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -53,6 +54,7 @@ def fleet_env(pg_cluster) -> Iterator[tuple[DemoFleet, str]]:
         yield fleet, dsn
     finally:
         fleet.down(progress=lambda m: None)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
