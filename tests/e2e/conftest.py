@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fleetmedic.localfleet.services import free_port, port_in_use
+from fleetmedic.localfleet.services import free_port, free_port_block
 
 # Who may break what in the shared demo fleet (tests run one after another in one session; each
 # test leaves its resources healthy unless it is marked `e2e_last`):
@@ -27,21 +27,6 @@ from fleetmedic.localfleet.services import free_port, port_in_use
 #                   scenarios, with the stack's own Redis stopped and started)
 
 
-def _free_port_block(size: int) -> int:
-    """A base port with `size` consecutive free ports, below the kernel's ephemeral range.
-
-    Ports from the ephemeral range (32768+) can be taken by any client socket at any moment, and a
-    PostgreSQL that loses its port to one cannot start.
-    """
-    import random
-
-    for _ in range(200):
-        base = random.randint(20000, 32000 - size)
-        if not any(port_in_use(base + i) for i in range(size)):
-            return base
-    raise RuntimeError(f"no block of {size} free ports found between 20000 and 32000")
-
-
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Any]:
     from fleetmedic.localfleet.stack import LocalStack, StackConfig
@@ -50,7 +35,7 @@ def stack() -> Iterator[Any]:
     os.chmod(home, 0o755)
     config = StackConfig(
         home=str(home), ops_port=free_port(), redis_port=free_port(), airflow_port=free_port(),
-        fleet_base_port=_free_port_block(110), pairs=5, redis_pairs=1,
+        fleet_base_port=free_port_block(110), pairs=5, redis_pairs=1,
         extra_dag_folders=[str(Path(__file__).resolve().parents[1] / "fixtures" / "e2e_dags")],
     )
     local = LocalStack(config)

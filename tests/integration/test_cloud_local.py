@@ -21,16 +21,11 @@ from fleetmedic.detection.sweep import load_targets
 from fleetmedic.inventory import get_resource
 from fleetmedic.localfleet.faults import FaultError, inject
 from fleetmedic.localfleet.fleet import DemoFleet
-from fleetmedic.localfleet.services import PostgresCluster, free_port, port_in_use
+from fleetmedic.localfleet.services import PostgresCluster, free_port, free_port_block
 
 
 def _port_block() -> int:
-    for _ in range(200):
-        base = free_port()
-        ports = (base, base + 1, base + 100, base + 101)
-        if base + 101 < 65000 and not any(port_in_use(p) for p in ports):
-            return base
-    raise RuntimeError("no free block of ports for the test fleet")
+    return free_port_block(110)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -23,20 +22,12 @@ import pytest
 from fleetmedic.detection.incidents import open_incidents_for_findings
 from fleetmedic.detection.sweep import probe_round, rules_from_playbooks
 from fleetmedic.localfleet.fleet import DemoFleet, cluster_for, redis_for
-from fleetmedic.localfleet.services import port_in_use
+from fleetmedic.localfleet.services import free_port_block
 from fleetmedic.playbooks.loader import load_all
 
 PLAYBOOKS = list(load_all().playbooks.values())
 RULES = rules_from_playbooks(PLAYBOOKS)
 PLAYBOOK_DAGS = {pb.type: pb.dag_id for pb in PLAYBOOKS}
-
-
-def _port_block(size: int) -> int:
-    for _ in range(200):
-        base = random.randint(20000, 32000 - size)
-        if not any(port_in_use(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free port block")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +39,7 @@ def fleet_env(pg_cluster) -> Iterator[tuple[DemoFleet, str]]:
     from fleetmedic.db.migrate import migrate
 
     migrate(dsn)
-    fleet = DemoFleet(home / "fleet", pairs=2, redis_pairs=1, base_port=_port_block(110))
+    fleet = DemoFleet(home / "fleet", pairs=2, redis_pairs=1, base_port=free_port_block(110))
     fleet.up(dsn, progress=lambda m: None)
     try:
         yield fleet, dsn

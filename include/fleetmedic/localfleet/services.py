@@ -29,6 +29,7 @@ __all__ = [
     "ServiceError",
     "find_pg_bindir",
     "free_port",
+    "free_port_block",
     "port_in_use",
 ]
 
@@ -44,10 +45,41 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (for tests and ad-hoc services)."""
+    """A TCP port nothing listens on right now (for tests and ad-hoc services).
+
+    Chosen below the kernel's ephemeral range (see `free_port_block`), where client sockets cannot
+    take it between now and the moment a server binds it.
+    """
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        if not port_in_use(port, host):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(size: int, low: int = 20000, high: int = 32000) -> int:
+    """A base port with `size` consecutive ports free, below the kernel's ephemeral range.
+
+    Ports in the ephemeral range (32768+ on Linux) can be taken by any client socket at any moment,
+    and a server that loses its port to one cannot start: fleets of several servers take their
+    ports from below it.
+    """
+    import random
+
+    for _ in range(500):
+        base = random.randint(low, high - size)
+        if not any(port_in_use(base + i) for i in range(size)):
+            return base
+    raise ServiceError(f"no block of {size} free ports between {low} and {high}")
 
 
 def find_pg_bindir() -> Path:
