@@ -32,9 +32,11 @@ def _port_block() -> int:
 def fleet(services_dir: Path) -> Iterator[DemoFleet]:
     """One PostgreSQL pair and one Redis pair, each instance on its own local server."""
     demo = DemoFleet(services_dir / "cloud-fleet", pairs=1, redis_pairs=1, base_port=_port_block())
-    demo.up(progress=lambda _m: None)
-    yield demo
-    demo.down(progress=lambda _m: None)
+    try:
+        demo.up(progress=lambda _m: None)
+        yield demo
+    finally:
+        demo.down(progress=lambda _m: None)  # also when starting failed half way
 
 
 def _broken(demo: DemoFleet, server: str) -> bool:

@@ -40,8 +40,8 @@ def fleet_env(pg_cluster) -> Iterator[tuple[DemoFleet, str]]:
 
     migrate(dsn)
     fleet = DemoFleet(home / "fleet", pairs=2, redis_pairs=1, base_port=free_port_block(110))
-    fleet.up(dsn, progress=lambda m: None)
     try:
+        fleet.up(dsn, progress=lambda m: None)
         yield fleet, dsn
     finally:
         fleet.down(progress=lambda m: None)
