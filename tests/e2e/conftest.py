@@ -16,11 +16,13 @@ from fleetmedic.localfleet.services import free_port, free_port_block
 
 # Who may break what in the shared demo fleet (tests run one after another in one session; each
 # test leaves its resources healthy unless it is marked `e2e_last`):
-#   pg1a            resource_down (stop), blocking queries
+#   pg1a            resource_down (stop), blocking queries; the window drill's table (25 inventory
+#                   entries drill-NN point at pg1a, disabled, so the sweep does not probe them)
 #   pg1b            kill-postgres; safety scenarios; manual-run drills (dry run, start_at)
 #   pg2a/pg2b       step-timeout and approval drills on pg2b; then resource_down with both data
 #                   directories removed (destructive, runs last)
-#   pg3a/pg3b       follower_behind (pause-replay on pg3b), old_base_backup (pg3a)
+#   pg3a/pg3b       follower_behind (pause-replay on pg3b), old_base_backup (pg3a), blocking queries
+#                   in shadow mode (pg3a)
 #   pg4a/pg4b       failover and changeover (destructive to the topology)
 #   pg5a/pg5b       server_down and kernel_panic (srv-pg5a, srv-pg5b)
 #   redis1a/redis1b resource_down for Redis, broken Redis replication (redis1b: also the safety
@@ -70,3 +72,22 @@ def wait_until() -> Callable[..., Any]:
             time.sleep(interval)
 
     return wait
+
+
+@pytest.fixture
+def cli(stack, monkeypatch) -> Callable[..., Any]:
+    """Run a `fleetmedic` console command against the stack as the human `e2e-oncall`; it must succeed."""
+    from typer.testing import CliRunner
+
+    from fleetmedic.console.cli import app
+
+    for key, value in stack.env_values().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLEETMEDIC_USER", "e2e-oncall")
+
+    def run(*args: str) -> Any:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, result.output
+        return result
+
+    return run

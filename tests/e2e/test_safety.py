@@ -13,9 +13,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
-from fleetmedic.console.cli import app
 from fleetmedic.incidents.store import IncidentStore
 from fleetmedic.inventory import Resource, get_resource
 from fleetmedic.localfleet.fleet import redis_for
@@ -87,13 +85,6 @@ def _why_started(stack, store: IncidentStore, res: Resource, airflow: Any) -> st
     return "\n".join(parts)
 
 
-def _cli(stack, monkeypatch, *args: str) -> Any:
-    for key, value in stack.env_values().items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("FLEETMEDIC_USER", "e2e-oncall")
-    result = CliRunner().invoke(app, list(args))
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_set_up_creates_one_pool_per_playbook_sized_from_its_concurrency(stack, airflow):
@@ -133,7 +124,7 @@ def _recent_restarts(stack, res: Resource) -> list[tuple]:
 
 
 def test_redis_lost_fails_closed_then_reset_resumes_and_a_flapping_replica_meets_its_cooldown(
-        stack, airflow, wait_until, monkeypatch):
+        stack, airflow, wait_until, cli):
     store = IncidentStore(stack.ops_dsn)
     res = _resource(stack, "redis1b")
     server = redis_for(res.attrs, res.port)
@@ -165,7 +156,7 @@ def test_redis_lost_fails_closed_then_reset_resumes_and_a_flapping_replica_meets
 
         # 2. Redis back, a human resets the breaker: released, and a new run restarts redis1b.
         stack.redis.start()
-        out = _cli(stack, monkeypatch, "breakers", "reset", "global", "--reason", "fleetmedic redis restarted")
+        out = cli("breakers", "reset", "global", "--reason", "fleetmedic redis restarted")
         assert f"released 1 held incident(s): {held.id}" in out.output
         done = wait_until(lambda: (i := store.get(held.id)).state in ("resolved", "escalated") and i, 240,
                           "the released incident to finish", interval=3)
@@ -204,7 +195,7 @@ def test_redis_lost_fails_closed_then_reset_resumes_and_a_flapping_replica_meets
             assert _starts(res) == expected_starts, _why_started(stack, store, res, airflow)
             if cycle == 2:
                 # A human reads the page and retries on purpose: the run passes the cooldown and restarts it.
-                out = _cli(stack, monkeypatch, "incidents", "retry", str(flap.id), "--reason",
+                out = cli("incidents", "retry", str(flap.id), "--reason",
                            "known flapping; restart it once more", "--json")
                 retry_run = json.loads(out.output)["dag_run_id"]
                 assert retry_run == f"incident-{flap.id}-retry-1"
@@ -220,7 +211,7 @@ def test_redis_lost_fails_closed_then_reset_resumes_and_a_flapping_replica_meets
                 started = datetime.now(UTC)
                 wait_until(lambda started=started: _healthy_since(stack, res, "redis.ping", started), 60,
                            "the sweep to see redis1b")
-                _cli(stack, monkeypatch, "incidents", "resolve", str(flap.id), "--reason", "started redis1b by hand")
+                cli("incidents", "resolve", str(flap.id), "--reason", "started redis1b by hand")
                 assert store.get(flap.id).state == "resolved"
                 assert store.events(flap.id)[-1].actor == "human:e2e-oncall"
     finally:

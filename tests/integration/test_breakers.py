@@ -78,6 +78,14 @@ def gate(dsn: str, redis_url: str, incident_id: int, run_id: str, pb: Playbook) 
     return decision
 
 
+def may_act(dsn: str, redis_url: str, incident_id: int, run_id: str) -> bool | str:
+    """What the step task asks right before acting: True, or the reason it may not."""
+    incident = IncidentStore(dsn).get(incident_id)
+    with action_permit(dsn, redis_url, incident, run_id=run_id, step="restart", action="resource.restart",
+                       actor="automation:playbook_resource_down/step_restart", config=CONFIG) as permit:
+        return True if permit.allowed else permit.reason
+
+
 def pages(dsn: str) -> list[dict]:
     return query(dsn, "SELECT * FROM pages ORDER BY id")
 
@@ -122,6 +130,10 @@ def test_25_simultaneous_incidents_with_limit_20_act_20_hold_5_and_page_once(ops
     assert len(sent) == 1, sent
     assert sent[0]["dedup_key"].startswith("fleetmedic-breaker-playbook-resource_down-trip-")
     assert "max_actions_per_hour" in sent[0]["summary"]
+    # The 20 admitted runs are within the limit: the trip holds the runs over it, and the 20 still act.
+    admitted = [c for c, r in zip(claimed, results, strict=True) if r.outcome == "proceed"]  # type: ignore[union-attr]
+    permits = run_concurrently(20, lambda i: may_act(ops_dsn, redis_url, *admitted[i]))
+    assert permits == [True] * 20, permits
     assert window_count(redis_client(redis_url), BREAKER) == 20
     held_events = [e for i in held for e in store.events(i) if e.to_state == "held"]
     assert all(e.data["held_by"] == BREAKER and "max_actions_per_hour" in e.reason for e in held_events)

@@ -73,6 +73,20 @@ def test_status_prints_the_fleet_at_a_glance(seeded: str) -> None:
     assert "Incidents" in out and "escalated" in out
     assert "1 not closed: playbook:resource_down" in out
     assert "undelivered" in out
+    assert "is in shadow" not in out
+
+
+def test_status_names_a_playbook_a_human_put_in_shadow(seeded: str) -> None:
+    from fleetmedic.safety.modes import set_shadow
+
+    assert cli_json("status", "--dsn", seeded)["shadow_overrides"] == []  # type: ignore[index]
+    set_shadow(seeded, "blocking_queries", actor="human:dana", reason="cancelled a batch job by mistake")
+    [override] = cli_json("status", "--dsn", seeded)["shadow_overrides"]  # type: ignore[index]
+    assert (override["type"], override["actor"]) == ("blocking_queries", "human:dana")
+    code, out = cli("status", "--dsn", seeded)
+    assert code == 0, out
+    assert "playbook blocking_queries is in shadow (acts on nothing): put there by human:dana" in out
+    assert "cancelled a batch job by mistake" in out
 
 
 @pytest.mark.parametrize("name", list(NAMES))

@@ -252,6 +252,9 @@ _PAGE = """<!doctype html>
 <button type="submit">reset</button></form>{% endif %}</td>{% endif %}</tr>
 {% endfor %}</tbody></table>
 {% else %}<p class="empty">no breakers yet</p>{% endif %}
+{% for o in s.shadow_overrides %}<p class="shadow-override" data-playbook="{{ o.type }}"><b>playbook {{ o.type }} is in
+ shadow</b> (acts on nothing): put there by {{ o.actor }} at {{ o.set_at.strftime("%Y-%m-%d %H:%M") }} UTC: {{ o.reason }}
+ · <code>fleetmedic shadow off {{ o.type }} --reason ...</code></p>{% endfor %}
 
 <h2>Latest trends</h2>
 {% if report %}

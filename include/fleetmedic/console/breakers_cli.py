@@ -1,4 +1,4 @@
-"""`fleetmedic breakers` (list, trip, reset, history) and `fleetmedic shadow report`: audited human overrides."""
+"""`fleetmedic breakers` (list, trip, reset, history) and `fleetmedic shadow` (on, off, report): audited human overrides."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from fleetmedic.console.common import DsnOption, JsonOption, console, fail, ops_
 
 app = typer.Typer(help="Circuit breakers: list, trip, reset. Every trip and reset is audited with your name.",
                   no_args_is_help=True)
-shadow_app = typer.Typer(help="Shadow mode: what playbooks in shadow would have done.", no_args_is_help=True)
+shadow_app = typer.Typer(help="Shadow mode: put a playbook in shadow now, take it out, and what playbooks in shadow "
+                              "would have done.", no_args_is_help=True)
 
 RedisOption = typer.Option(None, "--redis-url", help="Redis URL (default: FLEETMEDIC_REDIS_URL or .local/demo.env)")
 ReasonOption = typer.Option(..., "--reason", "-r", help="why (recorded in the audit trail)")
@@ -171,8 +172,55 @@ def shadow_report(since: str = typer.Option("30d", help="how far back, e.g. 7d, 
     table = Table("playbook", "mode now", "incidents", "would have acted", "would have resolved", "held/blocked",
                   "resolved since")
     for r in rows:
-        table.add_row(r.type, r.mode or "(gone)", str(r.incidents), str(r.would_have_acted), str(r.would_have_resolved),
+        mode = f"{r.mode} (by {r.shadow_by})" if r.shadow_by else (r.mode or "(gone)")
+        table.add_row(r.type, mode, str(r.incidents), str(r.would_have_acted), str(r.would_have_resolved),
                       str(r.held_or_blocked), str(r.resolved_since))
     console.print(table)
     if not rows:
         console.print("no playbook is in shadow mode and none recorded shadow decisions in the period")
+
+
+def _known_type(value: str) -> str:
+    known = sorted(pb.type for pb in _playbooks())
+    if value not in known:
+        fail(f"no playbook {value!r} (playbooks: {', '.join(known) or 'none loaded'}); give a playbook's type", 2)
+    return value
+
+
+def _print_change(change: Any, as_json: bool) -> None:
+    if as_json:
+        print_json({"changed": change.changed, "message": change.message,
+                    "override": change.override.as_dict() if change.override else None})
+        return
+    console.print(change.message, highlight=False)
+
+
+@shadow_app.command("on")
+def shadow_on(playbook: str = typer.Argument(..., help="the playbook's type, e.g. blocking_queries"),
+              reason: str = ReasonOption, dsn: str | None = DsnOption, as_json: bool = JsonOption) -> None:
+    """Put a playbook in shadow mode now: its runs record what they would do and escalate, and runs past
+    their gate stop before their next action. No deploy; audited with your name."""
+    from fleetmedic.safety.modes import set_shadow
+
+    try:
+        change = set_shadow(ops_dsn(dsn), _known_type(playbook), actor=_actor(), reason=reason)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    _print_change(change, as_json)
+
+
+@shadow_app.command("off")
+def shadow_off(playbook: str = typer.Argument(..., help="the playbook's type"), reason: str = ReasonOption,
+               dsn: str | None = DsnOption, as_json: bool = JsonOption) -> None:
+    """Remove a `shadow on` override: the playbook's YAML (limits.mode) decides its mode again. A playbook
+    whose YAML says shadow stays in shadow: promote it there, reviewed like any change."""
+    from fleetmedic.safety.modes import clear_shadow
+
+    try:
+        change = clear_shadow(ops_dsn(dsn), playbook, actor=_actor(), reason=reason)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    _print_change(change, as_json)
+    yaml_shadow = [pb for pb in _playbooks() if pb.type == playbook and pb.limits.mode == "shadow"]
+    if yaml_shadow and not as_json:
+        console.print(f"note: playbook {playbook} stays in shadow: its YAML says limits.mode: shadow", highlight=False)

@@ -118,6 +118,10 @@ def _print(s: dict[str, Any]) -> None:
                           (b.get("reason") or "")[:70])
         console.print(table)
 
+    for o in s.get("shadow_overrides", []):
+        console.print(f"[yellow]playbook {o['type']} is in shadow[/yellow] (acts on nothing): put there by "
+                      f"{o['actor']} {age(o['set_at'], now)} ago: {o['reason']}", highlight=False)
+
     undelivered = pages["undelivered"]
     colour = "green" if undelivered == 0 else "yellow"
     line = f"\n[bold]Pages[/bold]: [{colour}]{undelivered} undelivered[/{colour}] ({pages['pending']} pending, " \

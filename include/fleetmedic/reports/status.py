@@ -103,6 +103,13 @@ def breaker_states(dsn: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda b: (b["state"] == "closed", b["name"]))
 
 
+def _shadow_overrides(dsn: str) -> list[dict[str, Any]]:
+    """Playbooks a human put in shadow (`fleetmedic shadow on`): they act on nothing until `shadow off`."""
+    from fleetmedic.safety.modes import list_overrides
+
+    return [o.as_dict() for o in list_overrides(dsn)]
+
+
 def fleet_status(dsn: str, *, limit: int = 20) -> dict[str, Any]:
     """The fleet right now: health per kind (and what is failing), active incidents by state (and the
     most urgent ones), breakers, and pages not delivered yet."""
@@ -136,6 +143,7 @@ def fleet_status(dsn: str, *, limit: int = 20) -> dict[str, Any]:
         },
         "breakers": breakers,
         "breakers_open": [b["name"] for b in breakers if b["state"] != "closed"],
+        "shadow_overrides": _shadow_overrides(dsn),
         "pages": {
             "pending": int(pages.get("pending") or 0),
             "failed": int(pages.get("failed") or 0),

@@ -4,7 +4,8 @@
 1. an active silence on the incident's (resource, type)      -> hold (manual runs pass)
 2. the global breaker not closed (mass-failure guard, Redis) -> hold
 3. the playbook's breaker open                                -> hold
-4. shadow mode (`limits.mode: shadow`)                       -> record the would-be path, escalate
+4. shadow mode (`limits.mode: shadow`, or a human's `fleetmedic shadow on <type>`)
+                                                              -> record the would-be path, escalate
 5. an automated action on the same (resource, type) within `limits.resource_cooldown`
                                                               -> escalate, "cooldown" (manual runs pass)
 6. the playbook's breaker half-open                          -> exactly one run proceeds as the probe
@@ -12,8 +13,10 @@
    Redis unreachable                                          -> trip the global breaker (one page), hold
    otherwise                                                  -> proceed (the run holds a slot in the window)
 
-`action_permit` re-checks the breakers at the moment of acting, takes the resource's Redis lease for
-the action, and records it in the window; Redis gone by then fails closed the same way.
+`action_permit` re-checks the breakers (and a shadow override set since the gate) at the moment of
+acting (a run admitted into the action window keeps its slot when the window's trip opens the
+breaker after it: the trip holds the runs over the limit, not the ones within it), takes the resource's Redis lease for the action, and records it in the window; Redis gone by
+then fails closed the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from fleetmedic.safety.breakers import (
 from fleetmedic.safety.config import SafetyConfig
 from fleetmedic.safety.cooldown import cooldown_reason, last_automated_action
 from fleetmedic.safety.lease import Lease, LeaseBusy, hold_lease, release_lease
+from fleetmedic.safety.modes import ModeOverride, get_override
 from fleetmedic.safety.shadow import happy_path
 from fleetmedic.safety.silences import active_silence_for
 
@@ -154,8 +158,9 @@ def evaluate_gate(
     if b.state == "open":
         return GateDecision("hold", f"breaker {pb_name} is open {_since(b)}: {b.reason}", pb_name)
 
-    if limits.mode == "shadow":
-        return _shadow(ops_dsn, redis_url, inc, playbook, b, resource, run_id=run_id, cfg=cfg)
+    override = get_override(ops_dsn, playbook.type)
+    if limits.mode == "shadow" or override is not None:
+        return _shadow(ops_dsn, redis_url, inc, playbook, b, resource, run_id=run_id, cfg=cfg, override=override)
 
     if not manual:
         hit = last_automated_action(ops_dsn, inc.resource_id, inc.type, within=limits.resource_cooldown,
@@ -215,7 +220,7 @@ def evaluate_gate(
 
 
 def _shadow(ops_dsn: str, redis_url: str, inc: Incident, playbook: Playbook, b: Breaker, resource: str, *,
-            run_id: str, cfg: SafetyConfig) -> GateDecision:
+            run_id: str, cfg: SafetyConfig, override: ModeOverride | None = None) -> GateDecision:
     """Shadow mode: record what would be done (and whether anything would have stopped it), then escalate."""
     limits = playbook.limits
     path, terminal = happy_path(playbook)
@@ -239,12 +244,14 @@ def _shadow(ops_dsn: str, redis_url: str, inc: Incident, playbook: Playbook, b: 
         said = f"would run {plan} on {resource}"
     else:
         said = f"would not act on {resource} ({would}: {why_not}); its plan is {plan}"
+    why_shadow = "limits.mode: shadow" if limits.mode == "shadow" or override is None else override.describe()
     return GateDecision(
         "escalate",
-        f"shadow mode (limits.mode: shadow): {said}; escalating as if no automation existed",
+        f"shadow mode ({why_shadow}): {said}; escalating as if no automation existed",
         None,
         {"shadow": True, "would": would, "would_resolve": would == "act" and terminal == "resolve",
-         "plan": path, "plan_terminal": terminal, **({"would_not_because": why_not} if why_not else {})},
+         "plan": path, "plan_terminal": terminal, **({"would_not_because": why_not} if why_not else {}),
+         **({"shadow_by": override.actor} if override is not None and limits.mode != "shadow" else {})},
     )
 
 
@@ -284,6 +291,31 @@ class ActionPermit:
     data: dict[str, Any] = field(default_factory=dict)
 
 
+def _admitted_before_window_trip(ops_dsn: str, b: Breaker, incident_id: int, run_id: str) -> bool:
+    """Does this run keep the slot its gate reserved, although the breaker is open?
+
+    Only when the breaker was tripped by its action window filling up (`max_actions_per_hour`): the
+    window holds at most `limit` slots, so the runs admitted into it are within the limit, and the trip
+    is for the runs after them. A trip by a human, or one re-opened by a failed half-open probe, stops
+    every run that has not acted yet.
+    """
+    from fleetmedic.db.connect import connection
+
+    if b.trip_event_id is None:
+        return False
+    with connection(ops_dsn) as conn:
+        trip_row = conn.execute("SELECT data ? 'window_limit' AND actor NOT LIKE 'human:%%' AS window_trip "
+                                "FROM breaker_events WHERE id = %s", (b.trip_event_id,)).fetchone()
+        if not trip_row or not trip_row["window_trip"]:
+            return False
+        admitted = conn.execute(
+            "SELECT 1 FROM incident_events WHERE incident_id = %s AND step = 'gate' AND data->>'run_id' = %s "
+            "AND data->>'gate' = 'proceed' AND NOT coalesce((data->>'probe')::boolean, false) "
+            "AND at >= coalesce(%s, '-infinity'::timestamptz) LIMIT 1",
+            (incident_id, run_id, b.window_since)).fetchone()
+    return admitted is not None
+
+
 def _permit(ops_dsn: str, redis_url: str, inc: Incident, *, run_id: str, step: str, action: str, actor: str,
             ttl: timedelta, cfg: SafetyConfig) -> tuple[ActionPermit, Any]:
     g = get_breaker(ops_dsn, GLOBAL)
@@ -292,9 +324,15 @@ def _permit(ops_dsn: str, redis_url: str, inc: Incident, *, run_id: str, step: s
                             GLOBAL), None
     name = playbook_breaker(inc.type)
     b = get_breaker(ops_dsn, name)
-    if b.state == "open" or (b.state == "half_open" and b.probe_incident_id != inc.id):
+    slot_kept = b.state == "open" and _admitted_before_window_trip(ops_dsn, b, inc.id, run_id)
+    if (b.state == "open" and not slot_kept) or (b.state == "half_open" and b.probe_incident_id != inc.id):
         return ActionPermit(False, "hold", f"not running {action}: breaker {name} is {b.state} {_since(b)}: "
                                            f"{b.reason}", name), None
+    override = get_override(ops_dsn, inc.type)
+    if override is not None:
+        return ActionPermit(False, "escalate", f"not running {action}: playbook_{inc.type} was {override.describe()}; "
+                                               "escalating as if no automation existed", None,
+                            data={"shadow": True, "shadow_by": override.actor}), None
     client = redis_client(redis_url, cfg.redis_timeout)
     owner = f"incident-{inc.id}/{run_id}/{step}"
     try:

@@ -1,6 +1,7 @@
 """Shadow mode: what a playbook would have done, and the evidence to promote it (`fleetmedic shadow report`).
 
-A playbook with `limits.mode: shadow` acts on nothing: its gate records the path it would have
+A playbook with `limits.mode: shadow`, or one a human put in shadow (`fleetmedic shadow on`,
+safety/modes.py), acts on nothing: its gate records the path it would have
 taken and escalates as if no automation existed. "Would have resolved" means the gate found nothing
 that would have stopped it (breakers, cooldown, the action window) and the playbook's happy path
 (every action ok, every wait healthy) ends in `resolve`.
@@ -48,6 +49,7 @@ class ShadowRow:
     would_have_resolved: int
     held_or_blocked: int
     resolved_since: int  # of those incidents, how many are resolved now (by a human, or on their own)
+    shadow_by: str | None = None  # the human whose override keeps it in shadow (None: its YAML, or not in shadow)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +60,12 @@ def shadow_report(
     playbooks: list[Playbook] | None = None,
 ) -> list[ShadowRow]:
     """Per playbook with shadow decisions in the period: incidents, would have acted, would have resolved."""
-    modes = {pb.type: pb.limits.mode for pb in playbooks or []}
+    from fleetmedic.safety.modes import list_overrides
+
+    modes: dict[str, str | None] = {pb.type: pb.limits.mode for pb in playbooks or []}
+    overrides = {o.type: o.actor for o in list_overrides(target)}
+    for t in overrides:
+        modes[t] = "shadow"
     with connection(target) as conn, dict_cursor(conn) as cur:
         cur.execute(
             """
@@ -84,10 +91,11 @@ def shadow_report(
     out = [
         ShadowRow(type=t, mode=modes.get(t), incidents=int(r["incidents"]),
                   would_have_acted=int(r["would_have_acted"]), would_have_resolved=int(r["would_have_resolved"]),
-                  held_or_blocked=int(r["held_or_blocked"]), resolved_since=int(r["resolved_since"]))
+                  held_or_blocked=int(r["held_or_blocked"]), resolved_since=int(r["resolved_since"]),
+                  shadow_by=overrides.get(t))
         for t, r in found.items()
     ]
     for t, mode in modes.items():  # playbooks in shadow with no incident yet still show up
         if mode == "shadow" and t not in found:
-            out.append(ShadowRow(t, mode, 0, 0, 0, 0, 0))
+            out.append(ShadowRow(t, mode, 0, 0, 0, 0, 0, overrides.get(t)))
     return sorted(out, key=lambda r: r.type)
