@@ -16,9 +16,24 @@ def _incident(stack) -> int:
     with psycopg.connect(stack.ops_dsn) as conn:
         row = conn.execute("SELECT id FROM resources WHERE name = 'pg2b'").fetchone()
     assert row is not None
-    incident, _ = IncidentStore(stack.ops_dsn).open_or_refresh_incident(
+    incident, created = IncidentStore(stack.ops_dsn).open_or_refresh_incident(
         int(row[0]), "approval_drill", actor="human:e2e", reason="approval drill", state="held")
+    assert created, f"incident {incident.id} of an earlier drill is still {incident.state}"
     return incident.id
+
+
+def _why(stack, airflow, incident_id: int, run_id: str) -> str:
+    """For a failure message: the incident's trail and the logs of the run's failed tasks."""
+    lines = [f"{e.at:%H:%M:%S} {e.from_state}->{e.to_state} [{e.step}] {e.actor}: {e.reason}"
+             for e in IncidentStore(stack.ops_dsn).events(incident_id)]
+    for ti in airflow.task_instances(DAG, run_id):
+        if ti["state"] in ("failed", "upstream_failed") and ti["try_number"]:
+            lines.append(f"--- {ti['task_id']} ({ti['state']}, try {ti['try_number']})")
+            try:
+                lines.append(airflow.task_log(DAG, run_id, ti["task_id"], ti["try_number"])[-4000:])
+            except Exception as exc:  # diagnostics only
+                lines.append(f"(no log: {exc})")
+    return "\n".join(lines)
 
 
 def _answer_when_asked(airflow, wait_until, run_id: str, option: str) -> None:
@@ -38,7 +53,7 @@ def test_approved_step_runs_and_the_answer_is_audited(stack, airflow, wait_until
     run_id = f"approve-{incident_id}"
     airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
     _answer_when_asked(airflow, wait_until, run_id, "Approve")
-    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success"
+    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success", _why(stack, airflow, incident_id, run_id)
     events = store.events(incident_id)
     answer = [ev for ev in events if ev.step == "approve_restart" and (ev.data or {}).get("answer")]
     assert answer and answer[0].data["answer"] == "Approve"
@@ -54,7 +69,7 @@ def test_rejected_step_escalates_without_acting(stack, airflow, wait_until):
     run_id = f"reject-{incident_id}"
     airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
     _answer_when_asked(airflow, wait_until, run_id, "Reject")
-    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success"
+    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success", _why(stack, airflow, incident_id, run_id)
     incident = store.get(incident_id)
     assert incident.state == "escalated" and "chose Reject" in incident.reason
     assert not [ev for ev in store.events(incident_id) if ev.step == "restart"]

@@ -110,6 +110,21 @@ def test_set_up_creates_one_pool_per_playbook_sized_from_its_concurrency(stack, 
         sync_pools(airflow, playbooks)
     assert airflow.get_pool("playbook_resource_down")["slots"] == playbooks_by_type(playbooks)["resource_down"]
 
+    # Nobody has to remember: the pool_sync DAG puts drifted and missing pools back from the playbooks.
+    wanted = playbooks_by_type(playbooks)
+    try:
+        airflow.update_pool("playbook_resource_down", 1, description="resized by hand")
+        airflow.delete_pool("playbook_kernel_panic")
+        run = airflow.trigger("pool_sync", run_id=f"pool-sync-e2e-{datetime.now(UTC):%H%M%S}")
+        assert airflow.wait_for_run("pool_sync", run["dag_run_id"], timeout=120)["state"] == "success"
+        log = airflow.task_log("pool_sync", run["dag_run_id"], "sync", 1)
+        assert "pool playbook_resource_down: updated (slots 1 -> " in log, log[-2000:]
+        assert "pool playbook_kernel_panic: created" in log, log[-2000:]
+        pools = {p["name"]: p for p in airflow.list_pools()}
+        assert {t: pools[f"playbook_{t}"]["slots"] for t in wanted} == wanted
+    finally:
+        sync_pools(airflow, playbooks)
+
 
 def playbooks_by_type(playbooks: list[Any]) -> dict[str, int]:
     return {pb.type: pb.limits.concurrency for pb in playbooks}

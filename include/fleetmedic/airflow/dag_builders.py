@@ -24,7 +24,7 @@ from fleetmedic.airflow.sensors import FleetProbeSensor
 from fleetmedic.detection.checks import CHECKS
 from fleetmedic.playbooks.schema import TERMINALS, Playbook
 
-__all__ = ["build_outbox_dag", "build_playbook_dag", "build_sweep_dag"]
+__all__ = ["build_outbox_dag", "build_playbook_dag", "build_pool_sync_dag", "build_sweep_dag"]
 
 START = datetime(2026, 1, 1)
 OWNER = "fleetmedic"
@@ -237,21 +237,28 @@ def build_playbook_dag(pb: Playbook, *, pool: str | None = None) -> DAG:
     return dag
 
 
-def build_outbox_dag(*, doc: str) -> DAG:
-    """`pager_outbox`: deliver pages that are pending (new, or failed earlier and due for a retry)."""
-    with DAG(
-        dag_id="pager_outbox",
-        description="Deliver pending pages from the outbox to the configured backend",
+def _housekeeping_dag(dag_id: str, description: str, *, doc: str, schedule: str, tag: str,
+                      task_timeout: timedelta) -> DAG:
+    """A small scheduled DAG of fleetmedic's own upkeep: one run at a time, no catch-up, pages on failure."""
+    return DAG(
+        dag_id=dag_id,
+        description=description,
         doc_md=doc,
-        schedule="* * * * *",
+        schedule=schedule,
         start_date=START,
         catchup=False,
         max_active_runs=1,
         dagrun_timeout=timedelta(minutes=5),
-        tags=["fleetmedic", "pager"],
-        default_args=_default_args(execution_timeout=timedelta(minutes=3)),
+        tags=["fleetmedic", tag],
+        default_args=_default_args(execution_timeout=task_timeout),
         on_failure_callback=page_on_dag_failure,
-    ) as dag:
+    )
+
+
+def build_outbox_dag(*, doc: str) -> DAG:
+    """`pager_outbox`: deliver pages that are pending (new, or failed earlier and due for a retry)."""
+    with _housekeeping_dag("pager_outbox", "Deliver pending pages from the outbox to the configured backend",
+                           doc=doc, schedule="* * * * *", tag="pager", task_timeout=timedelta(minutes=3)) as dag:
 
         @task
         def deliver() -> dict[str, Any]:
@@ -269,6 +276,33 @@ def build_outbox_dag(*, doc: str) -> DAG:
     return dag
 
 
+def build_pool_sync_dag(*, doc: str) -> DAG:
+    """`pool_sync`: keep one pool per playbook, sized from its limits.concurrency, through the REST API."""
+    with _housekeeping_dag("pool_sync", "Create, resize and prune the playbook_<type> pools from the playbooks",
+                           doc=doc, schedule="*/5 * * * *", tag="safety", task_timeout=timedelta(minutes=2)) as dag:
+
+        @task
+        def sync() -> dict[str, Any]:
+            from fleetmedic.airflow.connections import airflow_api_client
+            from fleetmedic.playbooks.loader import load_all
+            from fleetmedic.safety.pools import sync_pools
+
+            loaded = load_all()
+            for path, error in loaded.errors.items():
+                print(f"skipped {path} (its DAG is an import error too): {error}")
+            with airflow_api_client() as client:
+                # While a playbook is broken, keep every pool: pruning would only hide the breakage.
+                changes = sync_pools(client, loaded.playbooks.values(), prune=not loaded.errors)
+            changed = [c.as_dict() for c in changes if c.action != "unchanged"]
+            for c in changed:
+                print(f"pool {c['pool']}: {c['action']} (slots {c['before']} -> {c['slots']})")
+            print(f"pools: {len(changes)} playbook pool(s), {len(changed)} changed")
+            return {"changed": changed}
+
+        sync()
+    return dag
+
+
 def playbook_dag_from_file(dag_file: str) -> DAG:
     """Build the DAG for `dags/playbook_<type>.py` from `playbooks/<type>.yaml`.
 
@@ -283,6 +317,6 @@ def playbook_dag_from_file(dag_file: str) -> DAG:
     if not stem.startswith("playbook_"):
         raise ValueError(f"{dag_file}: playbook DAG files are named playbook_<type>.py")
     pb = load_playbook(default_playbooks_dir() / f"{stem.removeprefix('playbook_')}.yaml")
-    # The pool caps this playbook's concurrent remediations (limits.concurrency). `make demo` and
-    # `fleetmedic pools sync` create it from the playbooks; run the latter after changing one.
+    # The pool caps this playbook's concurrent remediations (limits.concurrency). The set-up (`make
+    # demo`) creates it, the pool_sync DAG keeps it in sync every 5 minutes, `fleetmedic pools sync` at once.
     return build_playbook_dag(pb, pool=f"playbook_{pb.type}")

@@ -81,6 +81,7 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ENV_FILE_NAME = "fleetmedic-airflow.env"
 SECRETS_FILE_NAME = "fleetmedic-secrets.json"
 PASSWORDS_FILE_NAME = "simple_auth_manager_passwords.json"
+API_CONN_ID = "fleetmedic_airflow"  # fleetmedic.airflow.connections.AIRFLOW_API_CONN_ID (that module imports Airflow)
 
 
 def find_airflow_bin(venv_bin: Path | None = None) -> Path:
@@ -312,7 +313,8 @@ class AirflowStack:
     # -- configuration ------------------------------------------------------------------------
 
     def airflow_config(self) -> dict[str, str]:
-        """Every setting as AIRFLOW__SECTION__KEY -> value (no secrets resolution, no os.environ)."""
+        """Every setting as AIRFLOW__SECTION__KEY -> value (no secrets resolution, no os.environ), and the
+        connection `fleetmedic_airflow` (AIRFLOW_CONN_*) to this Airflow's own REST API."""
         s = self._secrets()
         cfg = {
             # core
@@ -367,6 +369,11 @@ class AirflowStack:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.worker_log_port),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.trigger_log_port),
         }
+        # The connection fleetmedic's own tasks use to call this Airflow's REST API (pool_sync).
+        cfg[f"AIRFLOW_CONN_{API_CONN_ID.upper()}"] = json.dumps({
+            "conn_type": "http", "host": self.host, "port": self.port, "schema": "http",
+            "login": self._user, "password": self.password,
+        })
         cfg.update(self.config_overrides)
         return cfg
 

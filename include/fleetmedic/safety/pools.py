@@ -1,6 +1,7 @@
 """One Airflow pool per playbook (`playbook_<type>`, `limits.concurrency` slots), kept in sync through the REST API.
 
-The set-up command (`LocalStack.up`) and `fleetmedic pools sync` call `sync_pools`; pools of
+The set-up command (`LocalStack.up`), the `pool_sync` DAG (every 5 minutes, so a changed or new
+playbook gets its pool without a human) and `fleetmedic pools sync` call `sync_pools`; pools of
 playbooks that no longer exist are removed. Deferred tasks (a step waiting for health in the
 triggerer) do not hold a slot: the pool caps remediations acting at once, not ones waiting.
 """
