@@ -53,14 +53,20 @@ def _answer_when_asked(airflow, wait_until, run_id: str, option: str) -> None:
                     json={"chosen_options": [option], "params_input": {}})
 
 
-def test_approved_step_runs_and_the_answer_is_audited(stack, airflow, wait_until):
+def _drill_answered(stack, airflow, wait_until, option: str) -> tuple[int, str]:
+    """A new drill incident, its run, the human's answer, and the run finished: (incident id, run id)."""
     airflow.wait_for_dags([DAG], timeout=180)
-    store = IncidentStore(stack.ops_dsn)
     incident_id = _incident(stack)
-    run_id = f"approve-{incident_id}"
+    run_id = f"{option.lower()}-{incident_id}"
     airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
-    _answer_when_asked(airflow, wait_until, run_id, "Approve")
+    _answer_when_asked(airflow, wait_until, run_id, option)
     assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success", _why(stack, airflow, incident_id, run_id)
+    return incident_id, run_id
+
+
+def test_approved_step_runs_and_the_answer_is_audited(stack, airflow, wait_until):
+    store = IncidentStore(stack.ops_dsn)
+    incident_id, run_id = _drill_answered(stack, airflow, wait_until, "Approve")
     events = store.events(incident_id)
     answer = [ev for ev in events if ev.step == "approve_restart" and (ev.data or {}).get("answer")]
     assert answer and answer[0].data["answer"] == "Approve"
@@ -70,13 +76,8 @@ def test_approved_step_runs_and_the_answer_is_audited(stack, airflow, wait_until
 
 
 def test_rejected_step_escalates_without_acting(stack, airflow, wait_until):
-    airflow.wait_for_dags([DAG], timeout=180)
     store = IncidentStore(stack.ops_dsn)
-    incident_id = _incident(stack)
-    run_id = f"reject-{incident_id}"
-    airflow.trigger(DAG, run_id=run_id, conf={"incident_id": incident_id, "reason": "approval drill"})
-    _answer_when_asked(airflow, wait_until, run_id, "Reject")
-    assert airflow.wait_for_run(DAG, run_id, timeout=180)["state"] == "success", _why(stack, airflow, incident_id, run_id)
+    incident_id, run_id = _drill_answered(stack, airflow, wait_until, "Reject")
     incident = store.get(incident_id)
     assert incident.state == "escalated" and "chose Reject" in incident.reason
     assert not [ev for ev in store.events(incident_id) if ev.step == "restart"]

@@ -8,26 +8,20 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from fleetmedic.console.common import DsnOption, JsonOption, console, fail, ops_dsn, print_json
+from fleetmedic.console.common import (
+    DsnOption,
+    JsonOption,
+    airflow_client,
+    console,
+    fail,
+    ops_dsn,
+    print_json,
+)
 
 app = typer.Typer(help="Move a database to a new server without losing a committed row.", no_args_is_help=True)
 
 DAG_ID = "playbook_changeover"
 TYPE = "changeover"
-
-
-def _airflow_client() -> Any:
-    from fleetmedic.airflow_api import AirflowClient
-    from fleetmedic.config import SettingsError, load_settings
-
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        fail(str(exc))
-    if not (settings.airflow_url and settings.airflow_user and settings.airflow_password):
-        fail("fleetmedic does not know where Airflow is: set AIRFLOW_URL, AIRFLOW_USER and AIRFLOW_PASSWORD, "
-             "or run `make demo`, which writes them to .local/demo.env")
-    return AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
 
 
 def open_changeover(dsn: str, resource: str, *, reason: str, requested_by: str) -> tuple[Any, bool]:
@@ -84,7 +78,7 @@ def changeover_start(
     except ValueError as exc:
         fail(str(exc), 2)
     run_id = f"incident-{incident.id}"
-    with _airflow_client() as client:
+    with airflow_client() as client:
         try:
             client.trigger(DAG_ID, run_id=run_id, conf={"incident_id": incident.id, "reason": reason,
                                                          "requested_by": who, "dry_run": dry_run})

@@ -37,6 +37,20 @@ def ops_dsn(dsn: str | None) -> str:
         fail(str(exc))
 
 
+def airflow_client() -> Any:
+    """An AirflowClient from AIRFLOW_URL / AIRFLOW_USER / AIRFLOW_PASSWORD (or .local/demo.env)."""
+    from fleetmedic.airflow_api import AirflowClient
+
+    try:
+        settings = load_settings()
+    except RuntimeError as exc:
+        fail(str(exc))
+    if not (settings.airflow_url and settings.airflow_user and settings.airflow_password):
+        fail("fleetmedic does not know where Airflow is: set AIRFLOW_URL, AIRFLOW_USER and AIRFLOW_PASSWORD, "
+             "or run `make demo`, which writes them to .local/demo.env")
+    return AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()

@@ -124,7 +124,7 @@ def incidents_retry(incident_id: int, reason: str = ReasonOption,
                     dry_run: bool = typer.Option(False, "--dry-run", help="record what would be done, change nothing"),
                     dsn: str | None = DsnOption, as_json: bool = JsonOption) -> None:
     """Start the incident's playbook again through Airflow (run incident-<id>-retry-<n>, with your reason)."""
-    from fleetmedic.console.pools_cli import airflow_client
+    from fleetmedic.console.common import airflow_client
     from fleetmedic.safety.overrides import retry
 
     dsn = ops_dsn(dsn)

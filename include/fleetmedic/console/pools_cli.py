@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
 from rich.table import Table
 
-from fleetmedic.console.common import JsonOption, console, fail, print_json
+from fleetmedic.console.common import JsonOption, airflow_client, console, fail, print_json
 
 app = typer.Typer(help="Airflow pools per playbook (concurrency caps), kept in sync with the playbooks.",
                   no_args_is_help=True)
-
-
-def airflow_client() -> Any:
-    """An AirflowClient from AIRFLOW_URL / AIRFLOW_USER / AIRFLOW_PASSWORD (or .local/demo.env)."""
-    from fleetmedic.airflow_api import AirflowClient
-    from fleetmedic.config import load_settings
-
-    try:
-        settings = load_settings()
-    except RuntimeError as exc:
-        fail(str(exc))
-    if not (settings.airflow_url and settings.airflow_user and settings.airflow_password):
-        fail("fleetmedic does not know where Airflow is: set AIRFLOW_URL, AIRFLOW_USER and AIRFLOW_PASSWORD, "
-             "or run `make demo` (it writes them to .local/demo.env)")
-    return AirflowClient(settings.airflow_url, settings.airflow_user, settings.airflow_password)
 
 
 @app.command("sync")
